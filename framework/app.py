@@ -1,0 +1,145 @@
+"""The application factory: config + plugins -> one composed ``aiohttp`` application.
+
+Every hook is called here, once. The request path that results is a plain chain:
+the core request-context middleware (request id, canonical log line, typed errors to
+problems), then the plugins' middlewares in their declared order, then the handler.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from framework import logging as blog
+from framework.config import Config
+from framework.errors import BallastError
+from framework.executor import BlockingExecutor, LoopDefaultExecutor
+from framework.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, UPSTREAM
+from framework.middleware import Handler, MiddlewareSpec, ordered
+from framework.plugins import Plugins, load_plugins
+from framework.problems import error_response, generic_response, problem_response
+from framework.upstream import PerCallClientProvider, Upstream, compose, single_attempt_call
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+log = blog.get_logger("ballast.app")
+
+
+def new_request_id() -> str:
+    import secrets
+
+    return secrets.token_hex(16)
+
+
+def request_id_of(request: web.Request) -> str:
+    rid = request.get(REQUEST_ID)
+    return rid if isinstance(rid, str) else ""
+
+
+def _route_of(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "(unmatched)"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id, contextvars, typed errors -> problems, the canonical line."""
+    start = time.perf_counter()
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
+    request[REQUEST_ID] = rid
+    status = 500
+    try:
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                resp = await handler(request)
+            except BallastError as exc:
+                resp = error_response(exc, rid)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                resp = generic_response(exc.status, rid, headers=_allow_header(exc))
+            status = resp.status
+            if not resp.prepared:
+                resp.headers["X-Request-ID"] = rid
+            return resp
+    finally:
+        blog.request_line(request.method, _route_of(request), request.path, status,
+                          blog.monotonic_ms(start), rid)
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.get("ready") and not state.get("draining"):
+        return web.json_response({"status": "ready"})
+    reason = "draining" if state.get("draining") else "starting"
+    return problem_response(503, "Not ready", f"The server is {reason}.", request_id_of(request),
+                            headers={"Retry-After": "1"})
+
+
+def build_app(config: Config, plugins: Plugins | None = None) -> web.Application:
+    """Build the application for ``config``; loads plugins unless they are given."""
+    plugins = plugins or load_plugins(config)
+    hook = plugins.hook
+    specs: list[MiddlewareSpec] = [s for group in hook.ballast_middlewares(config=config) for s in group]
+    max_body = config.settings.server.max_body_bytes
+    app = web.Application(middlewares=[request_context, *ordered(specs)], client_max_size=max_body)
+    app[CONFIG] = config
+    app[PLUGINS] = plugins
+    app[MAX_BODY] = max_body
+    app[STATE] = {"ready": False, "draining": False}
+
+    executor: BlockingExecutor = hook.ballast_executor(config=config) or LoopDefaultExecutor()
+    provider = hook.ballast_client_provider(config=config) or PerCallClientProvider()
+    call = hook.ballast_upstream_call(config=config, provider=provider) or single_attempt_call(provider)
+    wrappers = [w for group in hook.ballast_upstream_wrappers(config=config) for w in group]
+    app[EXECUTOR] = executor
+    app[UPSTREAM] = Upstream(compose(call, wrappers), provider)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    from framework.openapi import openapi_handler
+    from framework.sessions.routes import setup_sessions
+
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.cleanup_ctx.append(_resources)  # before sessions: torn down after them
+    setup_sessions(app)
+    for extra in hook.ballast_app_built(app=app, config=config):
+        if extra is not None:
+            app.cleanup_ctx.append(extra)
+    app.on_startup.append(_mark_ready)
+    app.on_shutdown.append(_mark_draining)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """The executor and outbound client live as long as the app."""
+    yield
+    await app[UPSTREAM].close()
+    app[EXECUTOR].shutdown()
+
+
+async def _mark_ready(app: web.Application) -> None:
+    app[STATE]["ready"] = True
+    log.info("server.ready")
+
+
+async def _mark_draining(app: web.Application) -> None:
+    app[STATE]["draining"] = True
+
+
+def app_info(app: web.Application) -> dict[str, Any]:
+    return {"plugins": [i.as_dict() for i in app[PLUGINS].infos]}

@@ -1,0 +1,78 @@
+"""Deadlines and time budgets.
+
+A :class:`Deadline` is an absolute point on the event loop's monotonic clock. The one in
+force is carried in a context variable, so code deep in the call path (an upstream
+call, a retry sleep) can ask how much time is left without it being threaded through
+every signature. With no deadline in force there is no budget: ``remaining()`` is
+``None``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from framework.errors import BudgetExceeded
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """An absolute deadline in ``time.monotonic()`` seconds, with its total budget."""
+
+    at: float
+    budget_s: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds, seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def check(self, what: str = "operation") -> None:
+        """Raise :class:`BudgetExceeded` if the deadline has passed."""
+        if self.expired():
+            raise BudgetExceeded(internal=f"time budget of {self.budget_s:.3f}s exhausted before {what}")
+
+
+_current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+    "ballast_deadline", default=None
+)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline in force in this context, or ``None`` when there is no budget."""
+    return _current.get()
+
+
+def remaining() -> float | None:
+    """Seconds left in the current budget (may be <= 0), or ``None`` when unbounded."""
+    d = _current.get()
+    return None if d is None else d.remaining()
+
+
+@contextmanager
+def deadline_scope(deadline: Deadline) -> Iterator[Deadline]:
+    """Put ``deadline`` in force for the block; an outer, earlier deadline still wins."""
+    outer = _current.get()
+    effective = deadline if outer is None or deadline.at < outer.at else outer
+    token = _current.set(effective)
+    try:
+        yield effective
+    finally:
+        _current.reset(token)
+
+
+def bounded(timeout_s: float | None) -> float | None:
+    """The smaller of ``timeout_s`` and the time left; ``None`` if both are unbounded."""
+    left = remaining()
+    if left is None:
+        return timeout_s
+    left = max(left, 0.0)
+    return left if timeout_s is None else min(timeout_s, left)

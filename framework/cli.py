@@ -1,0 +1,169 @@
+"""The ``ballast`` command: ``serve``, ``plugins``, ``config show|check`` and ``logs``.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the
+message names the offending key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import orjson
+
+from framework import logging as blog
+from framework.config import Config, load_settings
+from framework.errors import ConfigError, PluginError
+from framework.plugins import Plugins, load_plugins
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
+    print(f"ballast: error: {message}", file=sys.stderr)
+    return code
+
+
+def _load(path: str | None) -> tuple[Config, Plugins]:
+    config = load_settings(path)
+    return config, load_plugins(config)
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+async def _serve(config: Config, plugins: Plugins) -> None:
+    from aiohttp import web
+
+    from framework.app import build_app
+    from framework.keys import STATE
+
+    server = config.settings.server
+    app = build_app(config, plugins)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=server.shutdown_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+    await site.start()
+    log = blog.get_logger("ballast.server")
+    bound = runner.addresses[0] if runner.addresses else (server.host, server.port)
+    log.info("server.started", host=bound[0], port=bound[1], config=config.source,
+             plugins=[i.name for i in plugins.infos if i.enabled])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
+    try:
+        await stop.wait()
+    finally:
+        app[STATE]["draining"] = True
+        log.info("server.stopping", signal=received[0] if received else None)
+        # Stops listening, lets in-flight requests finish (up to shutdown_timeout),
+        # then runs the cleanup contexts that close the store and clients.
+        await runner.cleanup()
+        log.info("server.stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_settings(args.config)
+        if args.host is not None:
+            config.settings.server.host = args.host
+        if args.port is not None:
+            config.settings.server.port = args.port
+        blog.configure(config.settings.logging.format, config.settings.logging.level)
+        plugins = load_plugins(config)
+    except (ConfigError, PluginError) as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(f"server: {exc}")
+    asyncio.run(_serve(config, plugins))
+    return 0
+
+
+# ------------------------------------------------------------------------------ plugins / config
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    try:
+        _, plugins = _load(args.config)
+    except (ConfigError, PluginError) as exc:
+        return _fail(str(exc))
+    rows = [i.as_dict() for i in plugins.infos]
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        state = "enabled " if r["enabled"] else "disabled"
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "enabled")
+        print(f"{r['name']:<{width}}  {state}  {r['source']:<10}  hooks: {', '.join(r['hooks'])}")
+        if settings:
+            print(f"{'':<{width}}  {settings}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = args.file if args.action == "check" else args.config
+    try:
+        config, _ = _load(path)
+    except (ConfigError, PluginError) as exc:
+        return _fail(str(exc))
+    if args.action == "check":
+        print(f"{config.source}: ok")
+        return 0
+    sys.stdout.write(orjson.dumps(config.as_dict(redact=True), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from framework.logtools import add_logs_parser
+
+    parser = argparse.ArgumentParser(prog="ballast", description="Ballast session service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--config", help="TOML config file (default: config/default.toml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    plugins = sub.add_parser("plugins", help="list plugins, their state and settings")
+    plugins.add_argument("--config")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    config = sub.add_parser("config", help="show or check configuration")
+    csub = config.add_subparsers(dest="action", required=True)
+    show = csub.add_parser("show", help="effective config, secrets redacted")
+    show.add_argument("--config")
+    show.set_defaults(func=cmd_config)
+    check = csub.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config, config=None)
+
+    add_logs_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "logs":
+        from framework.logtools import run_logs
+
+        return run_logs(args)
+    func: Any = args.func
+    code: int = func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Every hook a Ballast plugin can implement.
+
+Hooks are called while the application is built (or on rare paths such as a failed
+mutation), never per request on the success path: they return middlewares, wrappers and
+resources that the framework composes once into plain chains of async callables.
+pluggy is synchronous; a hook that needs async work returns a callable or awaitable
+that the framework awaits.
+
+Hook names read as ``ballast_`` + phase + noun. Unless a docstring says "first non-None
+result wins", every implementation's result is collected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from pydantic import BaseModel
+
+    from framework.config import Config
+    from framework.executor import BlockingExecutor
+    from framework.middleware import MiddlewareSpec
+    from framework.sessions.finalize import StageWrapper
+    from framework.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
+
+hookspec = pluggy.HookspecMarker("ballast")
+hookimpl = pluggy.HookimplMarker("ballast")
+
+
+# --------------------------------------------------------------------------------------
+# configure
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def ballast_settings_model() -> type[BaseModel]:
+    """The pydantic model of this plugin's ``[plugins.<name>]`` section.
+
+    Called once per plugin while the config is validated, with each implementation
+    called on its own so its result is tied to its plugin. The model must subclass
+    :class:`framework.config.PluginSection` (which brings ``enabled``). A plugin without
+    this hook accepts only ``enabled``.
+    """
+
+
+@hookspec
+def ballast_configure(config: Config) -> None:
+    """After every plugin is registered and the config validated; check cross-settings.
+
+    :param config: the validated config; ``config.plugin(name)`` is a plugin's section.
+    Raise :class:`framework.errors.ConfigError` to refuse a bad combination. Returns
+    nothing.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# app build: request path
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
+    """Middlewares for the request path, called once when the app is built.
+
+    :return: a list of :class:`framework.middleware.MiddlewareSpec` (name, order,
+        middleware). All results are merged and sorted by ``order``: the lowest order is
+        the outermost. Builtin orders: ``error_sanitizer`` 100, ``timeout_budget`` 200.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# app build: outbound upstream path
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ballast_client_provider(config: Config) -> ClientProvider | None:
+    """The provider of outbound ``aiohttp.ClientSession`` s, called once at app build.
+
+    First non-None result wins; the core falls back to a fresh session per call.
+    The framework closes the provider on shutdown.
+    """
+
+
+@hookspec(firstresult=True)
+def ballast_upstream_call(config: Config, provider: ClientProvider) -> UpstreamCall | None:
+    """The call that sends one logical upstream request, called once at app build.
+
+    :param provider: the client provider chosen by :func:`ballast_client_provider`.
+    :return: ``async (UpstreamRequest) -> UpstreamResponse``. First non-None result
+        wins; the core falls back to a single attempt with no retry.
+    """
+
+
+@hookspec
+def ballast_upstream_wrappers(config: Config) -> list[UpstreamWrapper]:
+    """Wrappers around the upstream call, called once at app build.
+
+    :return: a list of ``(UpstreamCall) -> UpstreamCall``. Results of all plugins are
+        applied in registration order, the first one outermost.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# app build: blocking work and background jobs
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ballast_executor(config: Config) -> BlockingExecutor | None:
+    """The executor for blocking work (SQLite reads, CPU-heavy finalize stages).
+
+    Called once at app build. First non-None result wins; the core falls back to an
+    unbounded hand-off to the event loop's default thread pool. The framework starts
+    and shuts it down with the app.
+    """
+
+
+@hookspec
+def ballast_finalize_wrappers(config: Config) -> list[StageWrapper]:
+    """Wrappers around a finalize job's run, called once at app build.
+
+    A wrapper is ``(run) -> run`` where ``run`` is ``async (job: JobContext) -> None``;
+    it may set ``job.deadline``, observe stages through ``job.on_stage`` callbacks, or
+    cancel the run. Applied in registration order, the first one outermost.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# runtime notifications (rare paths only)
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def ballast_mutation_failed(session_id: str, mutations: list[dict[str, Any]],
+                            error: BaseException) -> None:
+    """A batch of mutations failed to apply; the session queue goes on.
+
+    Called on the event loop, once per failed batch, after the failure is known and
+    before the caller is answered. Must not block or raise (an exception raised here is
+    logged and swallowed).
+
+    :param session_id: the session whose batch failed.
+    :param mutations: the batch as validated dicts (``id``, ``type``, fields).
+    :param error: the exception; its text is for server-side logs only.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# shutdown
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def ballast_app_built(app: web.Application, config: Config) -> Callable[[], Any] | None:
+    """After the app is fully built; a plugin may add routes or cleanup contexts.
+
+    :return: optionally an async generator function ``(app) -> AsyncIterator[None]`` to
+        append to ``app.cleanup_ctx`` (set-up before ``yield``, teardown after).
+    """

@@ -1,0 +1,20 @@
+"""Typed application and request keys, in one place so every module agrees on them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    pass
+
+CONFIG = web.AppKey("ballast_config", "Config")
+PLUGINS = web.AppKey("ballast_plugins", "Plugins")
+EXECUTOR = web.AppKey("ballast_executor", "BlockingExecutor")
+UPSTREAM = web.AppKey("ballast_upstream", "Upstream")
+STATE = web.AppKey("ballast_state", dict[str, Any])
+MAX_BODY = web.AppKey("ballast_max_body", int)
+
+#: Request-scoped: the request id (set by the outermost middleware).
+REQUEST_ID = web.RequestKey("ballast_request_id", str)
