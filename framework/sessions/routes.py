@@ -1,0 +1,168 @@
+"""HTTP handlers of the session API (v1) and their wiring into the app.
+
+Handlers only translate: validate input with the models, call the service, serialise.
+Every error they raise is typed (:mod:`framework.errors`) and becomes a problem
+response in the request path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from framework.errors import ClientError, ConfigError, NotFound
+from framework.keys import CONFIG, EXECUTOR, PLUGINS, UPSTREAM
+from framework.logging import get_logger, register_secret
+from framework.problems import read_json, read_model, validate
+from framework.sessions import models as m
+from framework.sessions.builtin import BuiltinProvider
+from framework.sessions.inference import InferenceProvider
+from framework.sessions.service import SessionService
+from framework.sessions.sqlite_store import SQLiteStore
+
+SERVICE = web.AppKey("ballast_sessions", SessionService)
+_SESSION_ID = re.compile(m.SESSION_ID_PATTERN)
+log = get_logger("ballast.sessions")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _session_id(request: web.Request) -> str:
+    sid = request.match_info["session_id"]
+    if not _SESSION_ID.match(sid):
+        raise NotFound(f"Session ids match {m.SESSION_ID_PATTERN}; no session has this id.")
+    return sid
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ClientError(f"Query parameter '{name}' must be an integer.") from None
+    if not lo <= value <= hi:
+        raise ClientError(f"Query parameter '{name}' must be between {lo} and {hi}.")
+    return value
+
+
+async def create_session(request: web.Request) -> web.Response:
+    body = await read_model(request, m.CreateSession)
+    sid = body.session_id or secrets.token_urlsafe(12).replace("-", "_")
+    view = await request.app[SERVICE].create(sid, body.title, [p.name for p in body.participants])
+    return _json(view, 201)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return _json(await request.app[SERVICE].get(_session_id(request)))
+
+
+async def append_mutations(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    batch = await read_model(request, m.MutationBatch)
+    mutations = [mu.model_dump(exclude_none=False) for mu in batch.mutations]
+    return _json(await request.app[SERVICE].append(sid, mutations))
+
+
+async def list_mutations(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    after = _int_param(request, "after", 0, 0, 2**53)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    return _json(await request.app[SERVICE].list_mutations(sid, after, limit))
+
+
+async def _no_body(request: web.Request) -> None:
+    """Action endpoints take no body; an empty JSON object is accepted too."""
+    if request.body_exists:
+        data = await read_json(request)
+        validate(m.EmptyBody, data)
+
+
+async def resolve(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    await _no_body(request)
+    return _json(await request.app[SERVICE].resolve(sid))
+
+
+async def start_finalize(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    await _no_body(request)
+    return _json({"job": await request.app[SERVICE].start_finalize(sid)}, 202)
+
+
+async def get_finalize(request: web.Request) -> web.Response:
+    return _json({"job": await request.app[SERVICE].get_job(_session_id(request))})
+
+
+async def get_report(request: web.Request) -> web.Response:
+    return _json(await request.app[SERVICE].get_report(_session_id(request)))
+
+
+def make_provider(app: web.Application) -> InferenceProvider:
+    settings = app[CONFIG].settings.inference
+    if settings.provider == "builtin":
+        return BuiltinProvider(app[EXECUTOR].run)
+    from framework.sessions.openai import OpenAIProvider
+
+    if not settings.base_url:
+        raise ConfigError("inference.base_url: required when inference.provider is 'openai'")
+    key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    register_secret(key)
+    return OpenAIProvider(app[UPSTREAM], base_url=settings.base_url, model=settings.model,
+                          api_key=key, timeout_ms=settings.timeout_ms)
+
+
+def _failure_hook(app: web.Application) -> Any:
+    hook = app[PLUGINS].hook
+
+    def notify(session_id: str, mutations: list[dict[str, Any]], error: BaseException) -> None:
+        try:
+            hook.ballast_mutation_failed(session_id=session_id, mutations=mutations, error=error)
+        except Exception as exc:  # a notification must never break the queue
+            log.error("hook.failed", hook="ballast_mutation_failed", error_type=type(exc).__name__)
+
+    return notify
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    storage = config.settings.storage
+    store = SQLiteStore(Path(storage.path), durability=storage.durability,
+                        on_failure=_failure_hook(app))
+    await store.open()
+    interrupted = await store.recover()
+    if interrupted:
+        log.warning("finalize.recovered", jobs=interrupted)
+    provider = make_provider(app)
+    wrappers = [w for group in app[PLUGINS].hook.ballast_finalize_wrappers(config=config) for w in group]
+    service = SessionService(store, app[EXECUTOR], provider, wrappers)
+    app[SERVICE] = service
+    try:
+        yield
+    finally:
+        await service.close()
+        await provider.close()
+        await store.close()
+
+
+def setup_sessions(app: web.Application) -> None:
+    app.cleanup_ctx.append(_sessions_ctx)
+    r = app.router
+    r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions/{session_id}", get_session)
+    r.add_post("/v1/sessions/{session_id}/mutations", append_mutations)
+    r.add_get("/v1/sessions/{session_id}/mutations", list_mutations)
+    r.add_post("/v1/sessions/{session_id}/resolve", resolve)
+    r.add_post("/v1/sessions/{session_id}/finalize", start_finalize)
+    r.add_get("/v1/sessions/{session_id}/finalize", get_finalize)
+    r.add_get("/v1/sessions/{session_id}/report", get_report)
