@@ -1,0 +1,95 @@
+"""error_sanitizer: no exception text, path, host or secret ever reaches a client.
+
+The outermost plugin middleware. Whatever goes wrong below it (a handler, another
+plugin's middleware) reaches the client as an ``application/problem+json`` body with a
+generic, stable title and detail for its status and the request id; the full error
+(type, message, traceback without local variables) goes to the server log as
+``error.unhandled`` with the same request id. Typed errors keep their public text
+(which the raise site chose to be safe); a client's validation errors keep their
+field-level explanation, since that is the client's own input.
+
+Disabled: typed errors still become problems in the core, but an unexpected exception
+becomes aiohttp's plain-text 500 and is logged only by aiohttp's own logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+
+from aiohttp import web
+from pydantic import Field
+
+from framework.config import Config, PluginSection
+from framework.errors import BallastError
+from framework.hookspecs import hookimpl
+from framework.keys import REQUEST_ID
+from framework.logging import get_logger
+from framework.middleware import Handler, Middleware, MiddlewareSpec
+from framework.problems import error_response, generic_response, is_problem
+
+ORDER = 100
+log = get_logger("ballast.errors")
+
+
+class Settings(PluginSection):
+    log_client_errors: bool = Field(
+        False, description="also log 4xx typed errors (at info level) with their internal detail")
+    max_traceback_frames: int = Field(
+        30, ge=1, le=200, description="frames kept in the logged traceback (innermost last)")
+
+
+def _format_traceback(exc: BaseException, limit: int) -> str:
+    # traceback's formatting never includes local variables.
+    return "".join(traceback.format_exception(exc, limit=-limit))
+
+
+def sanitizer(*, log_client_errors: bool = False, max_traceback_frames: int = 30) -> Middleware:
+    """The middleware; settings are checked once here, not per request."""
+    if max_traceback_frames < 1:
+        raise ValueError("max_traceback_frames must be >= 1")
+
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except BallastError as exc:
+            rid = request.get(REQUEST_ID, "")
+            if exc.status >= 500:
+                log.error("error.unhandled", error_type=type(exc).__name__, error=exc.internal,
+                          status=exc.status, traceback=_format_traceback(exc, max_traceback_frames))
+            elif log_client_errors:
+                log.info("error.client", error_type=type(exc).__name__, error=exc.internal,
+                         status=exc.status)
+            return error_response(exc, rid)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own errors (routing, body size, ...): its text may quote
+            # internals, so only the status survives.
+            allow = exc.headers.get("Allow")
+            return generic_response(exc.status, request.get(REQUEST_ID, ""),
+                                    headers={"Allow": allow} if allow else None)
+        except Exception as exc:
+            log.error("error.unhandled", error_type=type(exc).__name__, error=str(exc), status=500,
+                      traceback=_format_traceback(exc, max_traceback_frames))
+            return generic_response(500, request.get(REQUEST_ID, ""))
+        if response.status >= 400 and not response.prepared and not is_problem(response):
+            # A handler returned a plain error response: keep the status, drop the body.
+            return generic_response(response.status, request.get(REQUEST_ID, ""))
+        return response
+
+    return impl
+
+
+@hookimpl
+def ballast_settings_model() -> type[PluginSection]:
+    return Settings
+
+
+@hookimpl
+def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
+    s: Settings = config.plugin("error_sanitizer")
+    mw = sanitizer(log_client_errors=s.log_client_errors, max_traceback_frames=s.max_traceback_frames)
+    return [MiddlewareSpec("error_sanitizer", ORDER, mw)]

@@ -1,0 +1,93 @@
+"""timeout_budget: every request and every finalize job runs against a deadline.
+
+* Requests: each handler runs under ``request_ms``; past it the handler is cancelled and
+  the client gets a 504 problem.
+* Finalize: each job runs under ``finalize_ms``. The deadline is checked by the core
+  before every stage and enforced inside a stage by cancellation, so a hung upstream call
+  in the report stage ends when the budget does; the job ends ``timed_out``.
+* Both deadlines are put in force (:mod:`framework.budget`), so upstream calls and
+  their retries can use only what is left.
+
+Disabled: no request or job has a deadline; upstream calls are bounded only by their
+per-attempt timeout and the retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from pydantic import Field
+
+from framework.budget import Deadline, deadline_scope
+from framework.config import Config, PluginSection
+from framework.errors import BudgetExceeded
+from framework.hookspecs import hookimpl
+from framework.middleware import Handler, Middleware, MiddlewareSpec
+from framework.sessions.finalize import JobContext, JobRun, StageWrapper
+
+ORDER = 200
+
+
+class Settings(PluginSection):
+    request_ms: int = Field(30_000, ge=1, le=3_600_000, description="budget of one request handler")
+    finalize_ms: int = Field(120_000, ge=1, le=86_400_000, description="budget of one finalize job")
+
+
+def request_budget(*, request_ms: int) -> Middleware:
+    if request_ms < 1:
+        raise ValueError("request_ms must be >= 1")
+    seconds = request_ms / 1000
+
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        deadline = Deadline.after(seconds)
+        with deadline_scope(deadline):
+            timeout = asyncio.timeout(seconds)
+            try:
+                async with timeout:
+                    return await handler(request)
+            except TimeoutError:
+                if timeout.expired():
+                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
+                                                  f"its {request_ms} ms budget") from None
+                raise
+
+    return impl
+
+
+def finalize_budget(*, finalize_ms: int) -> StageWrapper:
+    seconds = finalize_ms / 1000
+
+    def wrap(run: JobRun) -> JobRun:
+        async def budgeted(job: JobContext) -> None:
+            job.deadline = Deadline.after(seconds)
+            timeout = asyncio.timeout(seconds)
+            try:
+                async with timeout:
+                    await run(job)
+            except TimeoutError:
+                if timeout.expired():
+                    raise BudgetExceeded(internal=f"finalize exceeded its {finalize_ms} ms budget "
+                                                  f"in stage {job.current}") from None
+                raise
+
+        return budgeted
+
+    return wrap
+
+
+@hookimpl
+def ballast_settings_model() -> type[PluginSection]:
+    return Settings
+
+
+@hookimpl
+def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
+    s: Settings = config.plugin("timeout_budget")
+    return [MiddlewareSpec("timeout_budget", ORDER, request_budget(request_ms=s.request_ms))]
+
+
+@hookimpl
+def ballast_finalize_wrappers(config: Config) -> list[StageWrapper]:
+    s: Settings = config.plugin("timeout_budget")
+    return [finalize_budget(finalize_ms=s.finalize_ms)]
