@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    pass
+from framework.config import Config
+from framework.executor import BlockingExecutor
+from framework.plugins import Plugins
+from framework.upstream import Upstream
 
-CONFIG = web.AppKey("ballast_config", "Config")
-PLUGINS = web.AppKey("ballast_plugins", "Plugins")
-EXECUTOR = web.AppKey("ballast_executor", "BlockingExecutor")
-UPSTREAM = web.AppKey("ballast_upstream", "Upstream")
+CONFIG = web.AppKey("ballast_config", Config)
+PLUGINS = web.AppKey("ballast_plugins", Plugins)
+EXECUTOR: web.AppKey[BlockingExecutor] = web.AppKey("ballast_executor")
+UPSTREAM = web.AppKey("ballast_upstream", Upstream)
 STATE = web.AppKey("ballast_state", dict[str, Any])
 MAX_BODY = web.AppKey("ballast_max_body", int)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -20,7 +21,7 @@ class MiddlewareSpec:
     middleware: Middleware
 
 
-def ordered(specs: list[MiddlewareSpec]) -> list[Middleware]:
+def ordered(specs: list[MiddlewareSpec]) -> list[Any]:
     """Middlewares outermost first; ties keep registration order."""
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})

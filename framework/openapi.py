@@ -70,9 +70,9 @@ def openapi_document() -> bytes:
             else:
                 op["responses"][str(status)] = {"description": "OK", "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        for status in ("400", "404", "413", "415", "422"):
-            if status != "404" or params:
-                op["responses"].setdefault(status, _problem_ref())
+        for code in ("400", "404", "413", "415", "422"):
+            if code != "404" or params:
+                op["responses"].setdefault(code, _problem_ref())
         op["responses"].setdefault("503", _problem_ref())
         paths.setdefault(path, {})[method] = op
     for simple in ("/healthz", "/readyz"):
