@@ -52,9 +52,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     incoming = request.headers.get("X-Request-ID", "")
     rid = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
     request[REQUEST_ID] = rid
+    sid = request.match_info.get("session_id")
+    bound = {"request_id": rid} if sid is None else {"request_id": rid, "session_id": sid[:64]}
     status = 500
     try:
-        with structlog.contextvars.bound_contextvars(request_id=rid):
+        with structlog.contextvars.bound_contextvars(**bound):
             try:
                 resp = await handler(request)
             except BallastError as exc:
@@ -69,7 +71,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             return resp
     finally:
         blog.request_line(request.method, _route_of(request), request.path, status,
-                          blog.monotonic_ms(start), rid)
+                          blog.monotonic_ms(start), rid, **({} if sid is None else {"session_id": sid[:64]}))
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
