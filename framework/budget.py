@@ -69,6 +69,20 @@ def deadline_scope(deadline: Deadline) -> Iterator[Deadline]:
         _current.reset(token)
 
 
+@contextmanager
+def unbounded() -> Iterator[None]:
+    """Lift any deadline for the block.
+
+    For background work started inside a request (a finalize job): a task copies the
+    context it is created in, and must not inherit the request's deadline.
+    """
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
 def bounded(timeout_s: float | None) -> float | None:
     """The smaller of ``timeout_s`` and the time left; ``None`` if both are unbounded."""
     left = remaining()

@@ -125,8 +125,8 @@ def ballast_finalize_wrappers(config: Config) -> list[StageWrapper]:
     """Wrappers around a finalize job's run, called once at app build.
 
     A wrapper is ``(run) -> run`` where ``run`` is ``async (job: JobContext) -> None``;
-    it may set ``job.deadline``, observe stages through ``job.on_stage`` callbacks, or
-    cancel the run. Applied in registration order, the first one outermost.
+    it may set ``job.deadline``, read ``job.current`` (the stage running), or cancel the
+    run. Applied in registration order, the first one outermost.
     """
 
 
@@ -136,7 +136,7 @@ def ballast_finalize_wrappers(config: Config) -> list[StageWrapper]:
 
 
 @hookspec
-def ballast_mutation_failed(session_id: str, mutations: list[dict[str, Any]],
+def ballast_mutation_failed(config: Config, session_id: str, mutations: list[dict[str, Any]],
                             error: BaseException) -> None:
     """A batch of mutations failed to apply; the session queue goes on.
 
@@ -144,6 +144,10 @@ def ballast_mutation_failed(session_id: str, mutations: list[dict[str, Any]],
     before the caller is answered. Must not block or raise (an exception raised here is
     logged and swallowed).
 
+    Each implementation is called on its own, so one that raises does not keep the
+    others from being told.
+
+    :param config: the validated config (``config.plugin(name)`` for settings).
     :param session_id: the session whose batch failed.
     :param mutations: the batch as validated dicts (``id``, ``type``, fields).
     :param error: the exception; its text is for server-side logs only.

@@ -27,4 +27,20 @@ def ordered(specs: list[MiddlewareSpec]) -> list[Any]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"middleware name used twice: {', '.join(dupes)}")
-    return [web.middleware(s.middleware) for s in sorted(specs, key=lambda s: s.order)]
+    return [_new_style(s.middleware) for s in sorted(specs, key=lambda s: s.order)]
+
+
+def _new_style(mw: Middleware) -> Any:
+    """Mark ``mw`` as a new-style aiohttp middleware.
+
+    aiohttp marks one by setting an attribute on it, which a bound method (a plugin
+    object's ``async def middleware(self, request, handler)``) cannot carry; such a
+    callable is wrapped in a function that can.
+    """
+    try:
+        return web.middleware(mw)
+    except AttributeError:
+        async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await mw(request, handler)
+
+        return web.middleware(impl)

@@ -80,6 +80,11 @@ def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return out[:50]
 
 
+def _too_large(limit: int | None) -> ClientError:
+    return ClientError(f"The request body exceeds the limit of {limit} bytes.",
+                       status=413, title="Payload too large")
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 4xx problem that says what is wrong with it."""
     ctype = request.content_type
@@ -87,12 +92,18 @@ async def read_json(request: web.Request) -> Any:
             and not ctype.endswith("+json"):
         raise ClientError(f"Content-Type must be application/json, not {ctype[:60]!r}.",
                           status=415, title="Unsupported media type")
+    limit = request.app.get(MAX_BODY)
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        # Refused on the declared length, before waiting for a body that will be refused.
+        raise _too_large(limit)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app.get(MAX_BODY)
-        raise ClientError(f"The request body exceeds the limit of {limit} bytes.",
-                          status=413, title="Payload too large") from None
+        raise _too_large(limit) from None
+    except ConnectionResetError:
+        # The client went away mid-body: its mistake (or its network's), not a server error.
+        raise ClientError("The request body ended before it was complete.",
+                          title="Incomplete body") from None
     if not raw:
         raise ClientError("The request body is empty; send a JSON object.")
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from framework.config import PluginSection
+from framework.config import Config, PluginSection
 from framework.hookspecs import hookimpl
 from framework.logging import get_logger
 
@@ -28,26 +28,18 @@ class Settings(PluginSection):
         500, ge=1, le=500, description="mutations of one failed batch logged individually")
 
 
-_settings = Settings()
-
-
 @hookimpl
 def ballast_settings_model() -> type[PluginSection]:
     return Settings
 
 
 @hookimpl
-def ballast_configure(config: Any) -> None:
-    global _settings
-    _settings = config.plugin("queue_logging")
-
-
-@hookimpl
-def ballast_mutation_failed(session_id: str, mutations: list[dict[str, Any]],
+def ballast_mutation_failed(config: Config, session_id: str, mutations: list[dict[str, Any]],
                             error: BaseException) -> None:
     error_type = type(error).__name__
     message = getattr(error, "internal", None) or str(error)
-    limit = _settings.max_logged_per_batch
+    settings: Settings = config.plugin("queue_logging")
+    limit = settings.max_logged_per_batch
     for index, mutation in enumerate(mutations[:limit]):
         log.error("session.mutation_failed", session_id=session_id,
                   mutation_id=mutation.get("id"), mutation_type=mutation.get("type"),

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from framework.budget import Deadline, deadline_scope
 from framework.config import Config, PluginSection
-from framework.errors import BudgetExceeded
+from framework.errors import BudgetExceeded, UpstreamError
 from framework.hookspecs import hookimpl
 from framework.middleware import Handler, Middleware, MiddlewareSpec
 from framework.sessions.finalize import JobContext, JobRun, StageWrapper
@@ -34,6 +34,15 @@ class Settings(PluginSection):
     finalize_ms: int = Field(120_000, ge=1, le=86_400_000, description="budget of one finalize job")
 
 
+def _spent(deadline: Deadline | None) -> bool:
+    """True when an upstream failure at this point is the budget running out.
+
+    Upstream attempts are cut to the time left, so the upstream call usually notices the
+    end of the budget a moment before ``asyncio.timeout`` does, and fails first.
+    """
+    return deadline is not None and deadline.expired()
+
+
 def request_budget(*, request_ms: int) -> Middleware:
     if request_ms < 1:
         raise ValueError("request_ms must be >= 1")
@@ -41,7 +50,7 @@ def request_budget(*, request_ms: int) -> Middleware:
 
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
         deadline = Deadline.after(seconds)
-        with deadline_scope(deadline):
+        with deadline_scope(deadline) as effective:
             timeout = asyncio.timeout(seconds)
             try:
                 async with timeout:
@@ -50,6 +59,11 @@ def request_budget(*, request_ms: int) -> Middleware:
                 if timeout.expired():
                     raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
                                                   f"its {request_ms} ms budget") from None
+                raise
+            except UpstreamError as exc:
+                if _spent(effective):
+                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
+                                                  f"its {request_ms} ms budget") from exc
                 raise
 
     return impl
@@ -69,6 +83,11 @@ def finalize_budget(*, finalize_ms: int) -> StageWrapper:
                 if timeout.expired():
                     raise BudgetExceeded(internal=f"finalize exceeded its {finalize_ms} ms budget "
                                                   f"in stage {job.current}") from None
+                raise
+            except UpstreamError as exc:
+                if _spent(job.deadline):
+                    raise BudgetExceeded(internal=f"finalize exceeded its {finalize_ms} ms budget "
+                                                  f"in stage {job.current}") from exc
                 raise
 
         return budgeted

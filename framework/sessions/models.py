@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MUTATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -21,7 +21,16 @@ SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, min_length=1, max_l
 MutationId = Annotated[str, Field(pattern=MUTATION_ID_PATTERN, min_length=1, max_length=128)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 SpeakerLabel = Annotated[str, Field(min_length=1, max_length=64)]
-Millis = Annotated[int, Field(ge=0, le=MAX_MS)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``1500.0`` is the integer 1500 (JSON Schema agrees)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Millis = Annotated[int, Field(ge=0, le=MAX_MS), BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
@@ -43,6 +52,8 @@ class _MutationBase(_Strict):
 
 
 class Utterance(_MutationBase):
+    """One speaker label talking from ``start_ms`` to ``end_ms`` (not before ``start_ms``)."""
+
     type: Literal["utterance"]
     speaker: SpeakerLabel
     start_ms: Millis

@@ -70,7 +70,8 @@ async def get_session(request: web.Request) -> web.Response:
 async def append_mutations(request: web.Request) -> web.Response:
     sid = _session_id(request)
     batch = await read_model(request, m.MutationBatch)
-    mutations = [mu.model_dump(exclude_none=False) for mu in batch.mutations]
+    # One dump of the whole batch: the same dicts as dumping each item, for half the cost.
+    mutations: list[dict[str, Any]] = batch.model_dump(exclude_none=False)["mutations"]
     return _json(await request.app[SERVICE].append(sid, mutations))
 
 
@@ -123,13 +124,19 @@ def make_provider(app: web.Application) -> InferenceProvider:
 
 
 def _failure_hook(app: web.Application) -> Any:
-    hook = app[PLUGINS].hook
+    config = app[CONFIG]
+    impls = app[PLUGINS].hook.ballast_mutation_failed.get_hookimpls()
 
     def notify(session_id: str, mutations: list[dict[str, Any]], error: BaseException) -> None:
-        try:
-            hook.ballast_mutation_failed(session_id=session_id, mutations=mutations, error=error)
-        except Exception as exc:  # a notification must never break the queue
-            log.error("hook.failed", hook="ballast_mutation_failed", error_type=type(exc).__name__)
+        args = {"config": config, "session_id": session_id, "mutations": mutations, "error": error}
+        # Each implementation on its own: one that raises must not silence the others,
+        # and a notification must never break the queue.
+        for impl in reversed(impls):
+            try:
+                impl.function(*(args[name] for name in impl.argnames))
+            except Exception as exc:
+                log.error("hook.failed", hook="ballast_mutation_failed", plugin=impl.plugin_name,
+                          session_id=session_id, error_type=type(exc).__name__)
 
     return notify
 
@@ -144,7 +151,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if interrupted:
         log.warning("finalize.recovered", jobs=interrupted)
     provider = make_provider(app)
-    wrappers = [w for group in app[PLUGINS].hook.ballast_finalize_wrappers(config=config) for w in group]
+    # Registration order, first outermost (pluggy returns the last registered first).
+    groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config)
+    wrappers = [w for group in reversed(groups) for w in group]
     service = SessionService(store, app[EXECUTOR], provider, wrappers)
     app[SERVICE] = service
     try:

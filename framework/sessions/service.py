@@ -12,6 +12,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+from framework import budget
 from framework.errors import Conflict, NotFound, UpstreamError
 from framework.executor import BlockingExecutor
 from framework.logging import get_logger
@@ -50,10 +51,17 @@ class SessionService:
         return self._session_view(record, None)
 
     async def get(self, session_id: str) -> dict[str, Any]:
-        record = await self.store.get_session(session_id)
+        # The hot read: one trip to the store. A running job is served from memory (it
+        # is ahead of its stored record), so only then is the session read alone.
+        live = self._live.get(session_id)
+        if live is not None:
+            record = await self.store.get_session(session_id)
+            job: dict[str, Any] | None = live.record()
+        else:
+            record, job = await self.store.get_session_with_job(session_id)
         if record is None:
             raise _not_found(session_id)
-        return self._session_view(record, await self._job(session_id))
+        return self._session_view(record, job)
 
     async def _require(self, session_id: str) -> SessionRecord:
         record = await self.store.get_session(session_id)
@@ -133,8 +141,9 @@ class SessionService:
             job = JobContext(session_id, attempt=(previous["attempt"] + 1) if previous else 1)
             self._live[session_id] = job
             await self._save_job(job)
-            self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
-                                                         name=f"finalize:{session_id}")
+            with budget.unbounded():  # the job has its own budget, not this request's
+                self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
+                                                             name=f"finalize:{session_id}")
             return public_job(job.record())
 
     async def _save_job(self, job: JobContext) -> None:
@@ -146,8 +155,12 @@ class SessionService:
             if job.state != "succeeded":
                 await self.store.set_state(job.session_id, "failed", expect=("finalizing",))
         finally:
-            self._live.pop(job.session_id, None)
-            self._jobs.pop(job.session_id, None)
+            # A client that saw this job fail may already have started the next attempt
+            # (the state flips before this record is saved): leave that one registered.
+            if self._live.get(job.session_id) is job:
+                del self._live[job.session_id]
+            if self._jobs.get(job.session_id) is asyncio.current_task():
+                del self._jobs[job.session_id]
 
     async def _freeze(self, job: JobContext) -> None:
         if not await self.store.set_state(job.session_id, "finalizing", expect=("open", "failed")):

@@ -20,6 +20,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import sqlite3
 import threading
@@ -171,6 +172,9 @@ class _Request:
     apply: Callable[[sqlite3.Connection], Any]
     mutations: list[dict[str, Any]] | None = None  # set for appends only
     weight: int = 1
+    # The caller's context (appends only): a failure is reported in it, so its log
+    # lines carry the request id of the request that sent the batch.
+    context: contextvars.Context | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -403,6 +407,12 @@ class SQLiteStore:
     async def get_session(self, session_id: str) -> SessionRecord | None:
         return await self._read(_read_session, session_id)
 
+    async def get_session_with_job(
+        self, session_id: str
+    ) -> tuple[SessionRecord | None, dict[str, Any] | None]:
+        # One hop to a reader thread instead of two: the hop costs more than the reads.
+        return await self._read(_read_session_with_job, session_id)
+
     async def list_mutations(self, session_id: str, after: int, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
@@ -445,7 +455,8 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         weight = len(mutations) if mutations is not None else 1
-        self._queue.put(_Request(loop, future, session_id, apply, mutations, max(weight, 1)))
+        context = contextvars.copy_context() if mutations is not None else None
+        self._queue.put(_Request(loop, future, session_id, apply, mutations, max(weight, 1), context))
         if mutations is not None:
             self._pending[session_id] = self._pending.get(session_id, 0) + 1
         return future
@@ -629,7 +640,11 @@ class SQLiteStore:
                 stats.failed_requests += 1
                 exc = error if isinstance(error, StoreError) else _store_error(error)
                 if request.mutations is not None:
-                    self._notify_failure(request.session_id, request.mutations, error)
+                    if request.context is None:
+                        self._notify_failure(request.session_id, request.mutations, error)
+                    else:
+                        request.context.run(self._notify_failure, request.session_id,
+                                            request.mutations, error)
             if not future.done():
                 future.set_exception(exc)
         for sid in drained:
@@ -850,6 +865,19 @@ def _read_session(session_id: str, conn: sqlite3.Connection) -> SessionRecord | 
         _loads(speakers),
         created_at,
     )
+
+
+def _read_session_with_job(
+    session_id: str, conn: sqlite3.Connection
+) -> tuple[SessionRecord | None, dict[str, Any] | None]:
+    # One read transaction, so the session and its job are from the same commit.
+    conn.execute("BEGIN")
+    try:
+        record = _read_session(session_id, conn)
+        job = None if record is None else _read_body("jobs", session_id, conn)
+    finally:
+        conn.execute("COMMIT")
+    return record, job
 
 
 def _read_page(session_id: str, after: int, limit: int, conn: sqlite3.Connection) -> list[dict[str, Any]]:

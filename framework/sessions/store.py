@@ -114,6 +114,16 @@ class Store(Protocol):
         """The session, or ``None`` if there is none with that id."""
         ...
 
+    async def get_session_with_job(
+        self, session_id: str
+    ) -> tuple[SessionRecord | None, dict[str, Any] | None]:
+        """The session and its finalize job, read together (one snapshot, one round trip).
+
+        ``(None, None)`` if there is no session with that id; the job is ``None`` if the
+        session has none.
+        """
+        ...
+
     async def append(self, session_id: str, mutations: list[dict[str, Any]]) -> AppendResult:
         """Apply a batch of validated mutations whole, or not at all.
 
