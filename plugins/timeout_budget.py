@@ -15,6 +15,8 @@ per-attempt timeout and the retry policy.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from pydantic import Field
@@ -34,13 +36,26 @@ class Settings(PluginSection):
     finalize_ms: int = Field(120_000, ge=1, le=86_400_000, description="budget of one finalize job")
 
 
-def _spent(deadline: Deadline | None) -> bool:
-    """True when an upstream failure at this point is the budget running out.
+@asynccontextmanager
+async def enforced(deadline: Deadline, describe: Callable[[], str]) -> AsyncIterator[None]:
+    """Run the block until ``deadline``; past it, cancel the block, raise BudgetExceeded.
 
-    Upstream attempts are cut to the time left, so the upstream call usually notices the
-    end of the budget a moment before ``asyncio.timeout`` does, and fails first.
+    Upstream attempts are cut to the time left, so an upstream call usually notices the
+    end of the budget a moment before the timeout fires and fails first: an upstream
+    failure once the deadline has passed is the budget running out too.
     """
-    return deadline is not None and deadline.expired()
+    timeout = asyncio.timeout(max(deadline.remaining(), 0.0))
+    try:
+        async with timeout:
+            yield
+    except TimeoutError:
+        if timeout.expired():
+            raise BudgetExceeded(internal=describe()) from None
+        raise
+    except UpstreamError as exc:
+        if deadline.expired():
+            raise BudgetExceeded(internal=describe()) from exc
+        raise
 
 
 def request_budget(*, request_ms: int) -> Middleware:
@@ -49,46 +64,26 @@ def request_budget(*, request_ms: int) -> Middleware:
     seconds = request_ms / 1000
 
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
-        deadline = Deadline.after(seconds)
-        with deadline_scope(deadline) as effective:
-            timeout = asyncio.timeout(seconds)
-            try:
-                async with timeout:
-                    return await handler(request)
-            except TimeoutError:
-                if timeout.expired():
-                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
-                                                  f"its {request_ms} ms budget") from None
-                raise
-            except UpstreamError as exc:
-                if _spent(effective):
-                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
-                                                  f"its {request_ms} ms budget") from exc
-                raise
+        with deadline_scope(Deadline.after(seconds)) as deadline:
+            async with enforced(deadline, lambda: f"{request.method} {request.path} exceeded "
+                                                  f"its {request_ms} ms budget"):
+                response = await handler(request)
+        return response
 
     return impl
 
 
 def finalize_budget(*, finalize_ms: int) -> StageWrapper:
+    if finalize_ms < 1:
+        raise ValueError("finalize_ms must be >= 1")
     seconds = finalize_ms / 1000
 
     def wrap(run: JobRun) -> JobRun:
         async def budgeted(job: JobContext) -> None:
             job.deadline = Deadline.after(seconds)
-            timeout = asyncio.timeout(seconds)
-            try:
-                async with timeout:
-                    await run(job)
-            except TimeoutError:
-                if timeout.expired():
-                    raise BudgetExceeded(internal=f"finalize exceeded its {finalize_ms} ms budget "
-                                                  f"in stage {job.current}") from None
-                raise
-            except UpstreamError as exc:
-                if _spent(job.deadline):
-                    raise BudgetExceeded(internal=f"finalize exceeded its {finalize_ms} ms budget "
-                                                  f"in stage {job.current}") from exc
-                raise
+            async with enforced(job.deadline, lambda: f"finalize exceeded its {finalize_ms} ms "
+                                                      f"budget in stage {job.current}"):
+                await run(job)
 
         return budgeted
 
