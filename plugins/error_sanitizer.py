@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import Field
 
 from framework.config import Config, PluginSection
-from framework.errors import BallastError
+from framework.errors import BallastError, Overloaded
 from framework.hookspecs import hookimpl
 from framework.keys import REQUEST_ID
 from framework.logging import get_logger
@@ -56,7 +56,11 @@ def sanitizer(*, log_client_errors: bool = False, max_traceback_frames: int = 30
             raise
         except BallastError as exc:
             rid = request.get(REQUEST_ID, "")
-            if exc.status >= 500:
+            if isinstance(exc, Overloaded):
+                # Shedding load is the plan working, not a fault: the executor logged
+                # it already, and a traceback per refused request would add to the load.
+                pass
+            elif exc.status >= 500:
                 log.error("error.unhandled", error_type=type(exc).__name__, error=exc.internal,
                           status=exc.status, traceback=_format_traceback(exc, max_traceback_frames))
             elif log_client_errors:

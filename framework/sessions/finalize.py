@@ -42,6 +42,9 @@ class JobContext:
     stages: list[dict[str, Any]] = field(
         default_factory=lambda: [{"name": s, "state": "pending", "duration_ms": None} for s in STAGES])
     error: dict[str, str] | None = None
+    #: Set once the end state is fully applied (session state first): until then the job
+    #: reads as running, so a client never sees a failed job on a still-finalizing session.
+    done: bool = False
     elapsed_ms: int = 0
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -49,9 +52,9 @@ class JobContext:
         return int((time.monotonic() - self.started) * 1000)
 
     def record(self) -> dict[str, Any]:
-        elapsed = self.elapsed() if self.state == "running" else self.elapsed_ms
+        elapsed = self.elapsed_ms if self.done else self.elapsed()
         return {
-            "state": self.state,
+            "state": self.state if self.done else "running",
             "attempt": self.attempt,
             "budget_ms": None if self.deadline is None else int(self.deadline.budget_s * 1000),
             "elapsed_ms": elapsed,

@@ -151,16 +151,19 @@ class SessionService:
 
     async def _job_ended(self, job: JobContext) -> None:
         try:
-            await self._save_job(job)
             if job.state != "succeeded":
                 await self.store.set_state(job.session_id, "failed", expect=("finalizing",))
         finally:
-            # A client that saw this job fail may already have started the next attempt
-            # (the state flips before this record is saved): leave that one registered.
-            if self._live.get(job.session_id) is job:
-                del self._live[job.session_id]
-            if self._jobs.get(job.session_id) is asyncio.current_task():
-                del self._jobs[job.session_id]
+            job.done = True
+            try:
+                await self._save_job(job)
+            finally:
+                # A client that saw this job end may already have started the next
+                # attempt while the record was being saved: leave that one registered.
+                if self._live.get(job.session_id) is job:
+                    del self._live[job.session_id]
+                if self._jobs.get(job.session_id) is asyncio.current_task():
+                    del self._jobs[job.session_id]
 
     async def _freeze(self, job: JobContext) -> None:
         if not await self.store.set_state(job.session_id, "finalizing", expect=("open", "failed")):
