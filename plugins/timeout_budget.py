@@ -15,8 +15,8 @@ per-attempt timeout and the retry policy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 from aiohttp import web
 from pydantic import Field
@@ -36,26 +36,45 @@ class Settings(PluginSection):
     finalize_ms: int = Field(120_000, ge=1, le=86_400_000, description="budget of one finalize job")
 
 
-@asynccontextmanager
-async def enforced(deadline: Deadline, describe: Callable[[], str]) -> AsyncIterator[None]:
-    """Run the block until ``deadline``; past it, cancel the block, raise BudgetExceeded.
+class enforced:
+    """``async with enforced(deadline, describe):`` run the block until ``deadline``; past
+    it, cancel the block and raise BudgetExceeded (``describe()`` is its internal detail).
 
     Upstream attempts are cut to the time left, so an upstream call usually notices the
     end of the budget a moment before the timeout fires and fails first: an upstream
     failure once the deadline has passed is the budget running out too.
+
+    A class rather than an ``@asynccontextmanager`` generator: it wraps every request,
+    and an async generator per request (with the event loop's bookkeeping of each one)
+    cost more than the handler of a simple read.
     """
-    timeout = asyncio.timeout(max(deadline.remaining(), 0.0))
-    try:
-        async with timeout:
-            yield
-    except TimeoutError:
-        if timeout.expired():
-            raise BudgetExceeded(internal=describe()) from None
-        raise
-    except UpstreamError as exc:
-        if deadline.expired():
-            raise BudgetExceeded(internal=describe()) from exc
-        raise
+
+    __slots__ = ("_deadline", "_describe", "_timeout")
+
+    def __init__(self, deadline: Deadline, describe: Callable[[], str]) -> None:
+        self._deadline = deadline
+        self._describe = describe
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        self._timeout = asyncio.timeout(max(self._deadline.remaining(), 0.0))
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        timeout = self._timeout
+        assert timeout is not None, "enforced: __aexit__ without __aenter__"
+        try:
+            await timeout.__aexit__(exc_type, exc, tb)  # turns its own cancellation into TimeoutError
+        except TimeoutError:
+            if timeout.expired():
+                raise BudgetExceeded(internal=self._describe()) from None
+            raise
+        if isinstance(exc, TimeoutError):
+            if timeout.expired():
+                raise BudgetExceeded(internal=self._describe()) from None
+        elif isinstance(exc, UpstreamError) and self._deadline.expired():
+            raise BudgetExceeded(internal=self._describe()) from exc
 
 
 def request_budget(*, request_ms: int) -> Middleware:
