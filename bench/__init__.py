@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): scripts and their results; see bench/README.md."""

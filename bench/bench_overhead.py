@@ -1,0 +1,186 @@
+"""Benchmark 1: what the framework and its plugins cost on the cheapest real request.
+
+``GET /v1/sessions/{id}`` is a point read: little work of its own, so whatever the
+request path adds shows. Three servers share one SQLite file and run side by side:
+
+* ``all_on``: ``ballast serve`` with the default config (every plugin enabled);
+* ``all_off``: the same with every builtin plugin disabled by environment;
+* ``bare``: :mod:`bench.bare_app`, plain aiohttp with the read on the event loop and
+  no logging;
+* ``bare_thread`` (for reference): the bare app with the read on a worker thread.
+
+Ballast's stdout (one canonical JSON line per request) goes to a file, as it would in
+production; the bare app logs nothing. Each round runs wrk against every server in
+turn (the order rotates each round); the figures are medians of the rounds, and the
+ratios are medians of the per-round ratios.
+
+    python bench/bench_overhead.py [--rounds 5] [--duration 5] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    BENCH_DIR,
+    PYTHON,
+    ServerProcess,
+    WorkDir,
+    ballast_server,
+    cpu_seconds,
+    free_port,
+    http_json,
+    machine,
+    median,
+    verdict,
+    write_result,
+    wrk,
+)
+
+SESSION = "bench-overhead"
+TARGET_VS_OFF = 0.90
+TARGET_VS_BARE = 0.75
+
+
+def seed_session(origin: str) -> None:
+    """A realistic session: title, participants, a few utterances, named speakers."""
+    status, body = http_json("POST", f"{origin}/v1/sessions", {
+        "session_id": SESSION, "title": "Weekly sync",
+        "participants": [{"name": "Alice"}, {"name": "Bob"}, {"name": "Chen"}]})
+    if status != 201:
+        raise RuntimeError(f"could not create the session: {status} {body}")
+    mutations = [
+        {"id": f"u{i}", "type": "utterance", "speaker": f"spk_{i % 3}", "start_ms": i * 1000,
+         "end_ms": i * 1000 + 800, "text": f"utterance number {i}"} for i in range(20)]
+    mutations += [{"type": "speaker_renamed", "speaker": "spk_0", "name": "Alice"},
+                  {"type": "speaker_renamed", "speaker": "spk_1", "name": "Bob"}]
+    status, body = http_json("POST", f"{origin}/v1/sessions/{SESSION}/mutations",
+                             {"mutations": mutations})
+    if status != 200:
+        raise RuntimeError(f"could not seed the session: {status} {body}")
+
+
+def raw_get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+def run(rounds: int, duration: float, connections: int, threads: int) -> dict[str, Any]:
+    info = machine()  # taken before the run: date and load average at its start
+    with WorkDir("overhead") as work:
+        db = work / "bench.db"
+        with ballast_server(db) as seeder:
+            seed_session(seeder.origin)
+
+        servers: dict[str, ServerProcess] = {
+            "all_on": ballast_server(db, stdout=work / "all_on.log"),
+            "all_off": ballast_server(db, plugins_on=False, stdout=work / "all_off.log"),
+        }
+        for mode in ("loop", "thread"):
+            port = free_port()
+            name = "bare" if mode == "loop" else "bare_thread"
+            servers[name] = ServerProcess(
+                [PYTHON, str(BENCH_DIR / "bare_app.py"), "--db", str(db), "--port", str(port),
+                 "--read", mode], port=port)
+        try:
+            for server in servers.values():
+                server.start()
+            path = f"/v1/sessions/{SESSION}"
+            bodies = {name: raw_get(s.origin + path) for name, s in servers.items()}
+            same_body = len({json.dumps(json.loads(b), sort_keys=True) for b in bodies.values()}) == 1
+            if not same_body:
+                raise RuntimeError(f"the servers answer different bodies: {bodies}")
+            for server in servers.values():  # warm-up: imports, caches, connections
+                wrk(server.origin + path, threads=threads, connections=connections, duration_s=1)
+
+            names = list(servers)
+            per_round: list[dict[str, Any]] = []
+            for r in range(rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                row: dict[str, Any] = {}
+                for name in order:
+                    cpu = cpu_seconds(servers[name].pid)
+                    row[name] = wrk(servers[name].origin + path, threads=threads,
+                                    connections=connections, duration_s=duration)
+                    # CPU per request: steadier than throughput on a busy machine.
+                    row[name]["cpu_us_per_request"] = round(
+                        (cpu_seconds(servers[name].pid) - cpu) * 1e6 / max(row[name]["requests"], 1), 1)
+                row["order"] = order
+                per_round.append(row)
+                print(f"round {r + 1}/{rounds}: " + ", ".join(
+                    f"{n} {row[n]['rps']:.0f} rps {row[n]['cpu_us_per_request']:.0f} us cpu/req"
+                    for n in names), file=sys.stderr)
+            rss = {name: s.status() for name, s in servers.items()}
+        finally:
+            for server in servers.values():
+                server.stop()
+        log_lines = sum(1 for _ in (work / "all_on.log").open("rb"))
+
+    def med(name: str, key: str) -> float:
+        return median([row[name][key] for row in per_round])
+
+    def ratio(a: str, b: str) -> float:
+        return median([row[a]["rps"] / row[b]["rps"] for row in per_round])
+
+    errors = {name: sum(row[name]["errors"] for row in per_round) for name in names}
+    on_off, on_bare = ratio("all_on", "all_off"), ratio("all_on", "bare")
+    return {
+        "benchmark": "overhead",
+        "machine": info,
+        "method": {
+            "request": f"GET {path}", "tool": "wrk", "threads": threads,
+            "connections": connections, "duration_s": duration, "rounds": rounds,
+            "ballast_stdout": "redirected to a file (one http.request JSON line per request)",
+            "bare_app": "bench/bare_app.py: plain aiohttp, read on the event loop, no logging",
+            "same_body": same_body, "body_bytes": len(bodies["all_on"]),
+        },
+        "median_rps": {name: round(med(name, "rps"), 1) for name in names},
+        "median_cpu_us_per_request": {name: round(med(name, "cpu_us_per_request"), 1) for name in names},
+        "median_p50_ms": {name: round(med(name, "p50_ms"), 3) for name in names},
+        "median_p99_ms": {name: round(med(name, "p99_ms"), 3) for name in names},
+        "errors": errors,
+        "ratios": {
+            "all_on_vs_all_off": round(on_off, 3),
+            "all_on_vs_bare": round(on_bare, 3),
+            "all_on_vs_bare_thread": round(ratio("all_on", "bare_thread"), 3),
+            "all_off_vs_bare": round(ratio("all_off", "bare"), 3),
+        },
+        "targets": {
+            "all_on_vs_all_off": {"target": f">= {TARGET_VS_OFF}", "measured": round(on_off, 3),
+                                  "result": verdict(on_off >= TARGET_VS_OFF)},
+            "all_on_vs_bare": {"target": f">= {TARGET_VS_BARE}", "measured": round(on_bare, 3),
+                               "result": verdict(on_bare >= TARGET_VS_BARE)},
+        },
+        "server_rss_kb": rss,
+        "all_on_log_lines": log_lines,
+        "rounds": per_round,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
+    args = parser.parse_args(argv)
+    result = run(args.rounds, args.duration, args.connections, args.threads)
+    if not args.no_write:
+        write_result("overhead", result)
+    print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios", "targets")},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
