@@ -15,6 +15,7 @@ per-attempt timeout and the retry policy.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -77,17 +78,77 @@ class enforced:
             raise BudgetExceeded(internal=self._describe()) from exc
 
 
-def request_budget(*, request_ms: int) -> Middleware:
+class Watchdog:
+    """Cancels requests that outlive their deadline, with one sweep timer for them all.
+
+    A timer per request (``asyncio.timeout``) costs a heap push and a cancel on every
+    request, which showed as a fifth of a simple read's CPU. Requests instead register
+    their task and deadline in a dict, and one timer sweeps it every ``interval_s`` while
+    anything is in flight: a request is cancelled at most ``interval_s`` after its
+    deadline, a negligible slack against budgets of seconds.
+    """
+
+    __slots__ = ("_expired", "_handle", "_inflight", "interval_s")
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._inflight: dict[asyncio.Task[object], float] = {}
+        self._expired: set[asyncio.Task[object]] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def watch(self, task: asyncio.Task[object], deadline: Deadline) -> None:
+        self._inflight[task] = deadline.at
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
+
+    def release(self, task: asyncio.Task[object]) -> bool:
+        """Stop watching ``task``; True if the watchdog cancelled it (now uncancelled)."""
+        self._inflight.pop(task, None)
+        if task in self._expired:
+            self._expired.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        late = [task for task, at in self._inflight.items() if at <= now]
+        for task in late:
+            del self._inflight[task]
+            self._expired.add(task)
+            task.cancel()
+        self._handle = (asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
+                        if self._inflight else None)
+
+
+def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Middleware:
     if request_ms < 1:
         raise ValueError("request_ms must be >= 1")
     seconds = request_ms / 1000
+    dog = watchdog or Watchdog()
 
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None, "a request handler runs in a task"
         with deadline_scope(Deadline.after(seconds)) as deadline:
-            async with enforced(deadline, lambda: f"{request.method} {request.path} exceeded "
-                                                  f"its {request_ms} ms budget"):
-                response = await handler(request)
-        return response
+            dog.watch(task, deadline)
+            cancelled_by_us = False
+            try:
+                return await handler(request)
+            except asyncio.CancelledError:
+                cancelled_by_us = dog.release(task)
+                if cancelled_by_us:
+                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
+                                                  f"its {request_ms} ms budget") from None
+                raise
+            except UpstreamError as exc:
+                if deadline.expired():
+                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
+                                                  f"its {request_ms} ms budget") from exc
+                raise
+            finally:
+                if not cancelled_by_us:
+                    dog.release(task)
 
     return impl
 

@@ -328,3 +328,31 @@ def test_settings_defaults_and_bounds() -> None:
         with pytest.raises(ValueError):
             Settings.model_validate(bad)
     assert json.loads(Settings().model_dump_json())["finalize_ms"] == 120_000
+
+
+async def test_watchdog_cancels_only_requests_past_their_deadline() -> None:
+    import asyncio
+
+    from framework.budget import Deadline
+    from plugins.timeout_budget import Watchdog
+
+    dog = Watchdog(interval_s=0.01)
+
+    async def request(budget_s: float, work_s: float) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        dog.watch(task, Deadline.after(budget_s))
+        try:
+            await asyncio.sleep(work_s)
+            return "done"
+        except asyncio.CancelledError:
+            assert dog.release(task)
+            assert task.cancelling() == 0  # uncancelled: the connection's task goes on
+            return "cut"
+        finally:
+            dog.release(task)
+
+    results = await asyncio.gather(request(0.05, 5.0), request(5.0, 0.02), request(0.05, 0.0))
+    assert results == ["cut", "done", "done"]
+    await asyncio.sleep(0.05)
+    assert dog._handle is None, "the sweep timer stops when nothing is in flight"
