@@ -9,11 +9,12 @@ wrappers when the app is built.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from framework import budget
-from framework.errors import Conflict, NotFound, UpstreamError
+from framework.errors import Conflict, NotFound, Overloaded, UpstreamError
 from framework.executor import BlockingExecutor
 from framework.logging import get_logger
 from framework.sessions import analysis
@@ -21,6 +22,7 @@ from framework.sessions.finalize import FinalizeRunner, JobContext, StageWrapper
 from framework.sessions.inference import InferenceProvider, ReportInput, ResolveInput
 from framework.sessions.store import SessionRecord, Store
 
+T = TypeVar("T")
 log = get_logger("ballast.sessions")
 RESOLVE_UNAVAILABLE = "Speaker resolution temporarily unavailable"
 
@@ -165,6 +167,21 @@ class SessionService:
                 if self._jobs.get(job.session_id) is asyncio.current_task():
                     del self._jobs[job.session_id]
 
+    async def _job_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Blocking work of a finalize job: wait for capacity rather than fail the job.
+
+        A request refused by a full executor is answered 503 and its client retries; a
+        background job has no client to do that, so it retries here, with backoff, for
+        as long as its time budget allows.
+        """
+        delay = 0.02
+        while True:
+            try:
+                return await self.executor.run(fn, *args)
+            except Overloaded:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
     async def _freeze(self, job: JobContext) -> None:
         if not await self.store.set_state(job.session_id, "finalizing", expect=("open", "failed")):
             raise Conflict(f"Session '{job.session_id}' cannot be finalized in its current state.")
@@ -174,17 +191,17 @@ class SessionService:
 
     async def _replay(self, job: JobContext) -> None:
         record = await self._require(job.session_id)
-        job.data["state"] = await self.executor.run(
+        job.data["state"] = await self._job_blocking(
             lambda: analysis.replay(self.store.iter_mutations(job.session_id), record.participants))
 
     async def _reconcile(self, job: JobContext) -> None:
-        job.data["reconciled"] = await self.executor.run(analysis.reconcile, job.data.pop("state"))
+        job.data["reconciled"] = await self._job_blocking(analysis.reconcile, job.data.pop("state"))
 
     async def _stats(self, job: JobContext) -> None:
-        job.data["stats"] = await self.executor.run(analysis.compute_stats, job.data["reconciled"])
+        job.data["stats"] = await self._job_blocking(analysis.compute_stats, job.data["reconciled"])
 
     async def _events(self, job: JobContext) -> None:
-        job.data["timeline"] = await self.executor.run(analysis.build_timeline, job.data["reconciled"])
+        job.data["timeline"] = await self._job_blocking(analysis.build_timeline, job.data["reconciled"])
 
     async def _report(self, job: JobContext) -> None:
         record = await self._require(job.session_id)
