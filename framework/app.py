@@ -12,7 +12,6 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -59,18 +58,21 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     rid = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
     request[REQUEST_ID] = rid
     sid = request.match_info.get("session_id")
-    bound = {"request_id": rid} if sid is None else {"request_id": rid, "session_id": sid[:64]}
+    if sid is not None:
+        sid = sid[:64]
     status = 500
     # bind/reset rather than bound_contextvars(): the same effect without its scan of
     # every context variable on entry and exit, which shows on every request.
-    tokens = structlog.contextvars.bind_contextvars(**bound)
+    tokens = structlog.contextvars.bind_contextvars(
+        request_id=rid, **({} if sid is None else {"session_id": sid}))
     try:
         try:
             resp = await handler(request)
         except BallastError as exc:
             resp = error_response(exc, rid)
         except web.HTTPException as exc:
-            if exc.status < 400:
+            if exc.status < 400:  # a redirect: aiohttp sends it as it is
+                status = exc.status
                 raise
             resp = generic_response(exc.status, rid, headers=_allow_header(exc))
         status = resp.status
@@ -80,7 +82,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
         blog.request_line(request.method, _route_of(request), request.path, status,
-                          blog.monotonic_ms(start), rid, **({} if sid is None else {"session_id": sid[:64]}))
+                          blog.monotonic_ms(start), rid, **({} if sid is None else {"session_id": sid}))
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
@@ -153,7 +155,3 @@ async def _mark_ready(app: web.Application) -> None:
 
 async def _mark_draining(app: web.Application) -> None:
     app[STATE]["draining"] = True
-
-
-def app_info(app: web.Application) -> dict[str, Any]:
-    return {"plugins": [i.as_dict() for i in app[PLUGINS].infos]}

@@ -46,11 +46,6 @@ _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
 )
 
 
-def current_deadline() -> Deadline | None:
-    """The deadline in force in this context, or ``None`` when there is no budget."""
-    return _current.get()
-
-
 def remaining() -> float | None:
     """Seconds left in the current budget (may be <= 0), or ``None`` when unbounded."""
     d = _current.get()

@@ -115,9 +115,6 @@ def request_line(method: str, route: str, path: str, status: int, duration_ms: f
     }
     if extra:
         line.update(extra)
-    ctx = structlog.contextvars.get_contextvars()
-    for key, value in ctx.items():
-        line.setdefault(key, value)
     if _secrets:
         line = _scrub(line)
     sys.stdout.buffer.write(orjson.dumps(line) + b"\n")

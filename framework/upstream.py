@@ -16,6 +16,7 @@ time left in the current budget (:mod:`framework.budget`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -86,7 +87,9 @@ def attempt_timeout(request: UpstreamRequest) -> aiohttp.ClientTimeout:
     if total is not None and total <= 0:
         raise UpstreamError(kind="budget", internal=f"{request.name}: no time budget left for an attempt",
                             attempts=0)
-    return aiohttp.ClientTimeout(total=total)
+    # aiohttp rounds timeouts of 5 s and more up to a whole second of loop time, which
+    # could run an attempt past the budget: never round.
+    return aiohttp.ClientTimeout(total=total, ceil_threshold=math.inf)
 
 
 async def send_once(session: aiohttp.ClientSession, request: UpstreamRequest) -> UpstreamResponse:
@@ -145,15 +148,6 @@ def response_error(request: UpstreamRequest, response: UpstreamResponse) -> Upst
                          internal=f"{request.name}: upstream answered {response.status}")
 
 
-def header(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive header lookup on a plain mapping."""
-    lname = name.lower()
-    for k, v in headers.items():
-        if k.lower() == lname:
-            return v
-    return None
-
-
 __all__ = [
     "ClientProvider",
     "PerCallClientProvider",
@@ -164,7 +158,6 @@ __all__ = [
     "UpstreamWrapper",
     "attempt_timeout",
     "compose",
-    "header",
     "response_error",
     "send_once",
     "single_attempt_call",

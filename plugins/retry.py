@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import math
 import random
 import re
 import sys
@@ -252,9 +251,6 @@ class _CallPolicy(RetryOptionsBase):
         except UpstreamError as exc:
             raise _Stop("budget", "no time left for another attempt", self.last_status,
                         self.last_error) from exc
-        # aiohttp rounds timeouts of 5 s and more up to a whole second of loop time,
-        # which could run an attempt past the budget; never round.
-        timeout = aiohttp.ClientTimeout(total=timeout.total, ceil_threshold=math.inf)
         self.sent += 1
         return RequestParams(
             method=self.request.method,

@@ -102,10 +102,9 @@ class FinalizeRunner:
     async def _run_stages(self, job: JobContext) -> None:
         for info in job.stages:
             name = info["name"]
-            if job.deadline is not None and job.deadline.expired():
-                job.current = name
-                raise BudgetExceeded(internal=f"finalize budget exhausted before stage {name}")
             job.current = name
+            if job.deadline is not None:
+                job.deadline.check(f"stage {name}")
             info["state"] = "running"
             t0 = time.perf_counter()
             scope = budget.deadline_scope(job.deadline) if job.deadline else None

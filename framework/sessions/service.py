@@ -190,7 +190,8 @@ class SessionService:
         await self.store.drain(job.session_id)
 
     async def _replay(self, job: JobContext) -> None:
-        record = await self._require(job.session_id)
+        # Frozen and drained: this record stays current for the rest of the job.
+        record = job.data["record"] = await self._require(job.session_id)
         job.data["state"] = await self._job_blocking(
             lambda: analysis.replay(self.store.iter_mutations(job.session_id), record.participants))
 
@@ -204,7 +205,7 @@ class SessionService:
         job.data["timeline"] = await self._job_blocking(analysis.build_timeline, job.data["reconciled"])
 
     async def _report(self, job: JobContext) -> None:
-        record = await self._require(job.session_id)
+        record: SessionRecord = job.data["record"]
         rec = job.data["reconciled"]
         stats = job.data["stats"]
         draft = await self.provider.report(ReportInput(
