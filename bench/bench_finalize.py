@@ -1,7 +1,7 @@
 """Benchmark 3: finalize time and server memory for sessions of 10k, 100k and 1M utterances.
 
 For each size, one SQLite file is built before any server starts, with the store's own
-write path (:meth:`framework.sessions.sqlite_store.SQLiteStore.append`, in batches of
+write path (:meth:`ballast.sessions.sqlite_store.SQLiteStore.append`, in batches of
 20,000 mutations validated by the API's own models): a session with four participants,
 self-introductions, four speakers, occasional overlaps, joins, leaves and notes.
 
@@ -79,8 +79,8 @@ def mutations(count: int, seed: int = 7) -> Any:
 
 async def build_db(path: Path, count: int) -> dict[str, Any]:
     """The session file, written by the store itself (API models validate every item)."""
-    from framework.sessions import models as m
-    from framework.sessions.sqlite_store import SQLiteStore
+    from ballast.sessions import models as m
+    from ballast.sessions.sqlite_store import SQLiteStore
 
     t0 = time.perf_counter()
     store = SQLiteStore(path, durability="normal")

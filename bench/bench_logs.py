@@ -50,7 +50,7 @@ TRACEBACK = (
     "    mapping = await self._inference.resolve(session)\n"
     '  File "/srv/ballast/framework/upstream.py", line 148, in call\n'
     "    raise UpstreamError(kind, status=status)\n"
-    "framework.errors.UpstreamError: upstream failed after 3 attempts\n"
+    "ballast.errors.UpstreamError: upstream failed after 3 attempts\n"
 )
 
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from framework.logtools import summarize_file
+    from ballast.logtools import summarize_file
 
     if args.keep:
         path = args.keep

@@ -6,8 +6,8 @@ script drawn independently per attempt from a seeded generator: ``503`` with
 probability ``p``, else a valid completion. "Hard down" answers 503 to everything.
 
 The calls go through exactly what the server uses: settings from
-``config/default.toml`` plus environment overrides (``framework.config.load_settings``),
-the plugins (``framework.plugins.load_plugins``), the ``ballast_upstream_call`` hook
+``config/default.toml`` plus environment overrides (``ballast.config.load_settings``),
+the plugins (``ballast.plugin_manager.load_plugins``), the ``ballast_upstream_call`` hook
 given the ``ballast_client_provider`` hook's shared client, composed with the
 ``ballast_upstream_wrappers``. Only the backoff is shortened (5 ms start, 20 ms cap) so
 a run takes seconds; attempts stay at the default 3. 1,000 logical calls per round, 20
@@ -52,11 +52,11 @@ async def scenario(p: float | None, calls: int, seed: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_upstream import FakeUpstream, Step
 
-    from framework import logging as blog
-    from framework.config import load_settings
-    from framework.errors import UpstreamError
-    from framework.plugins import load_plugins
-    from framework.upstream import UpstreamRequest, compose
+    from ballast import logging as blog
+    from ballast.config import load_settings
+    from ballast.errors import UpstreamError
+    from ballast.plugin_manager import load_plugins
+    from ballast.upstream import UpstreamRequest, compose
 
     blog.configure("json", "critical")  # the retry log lines are not what is measured here
     environ = {f"BALLAST__PLUGINS__RETRY__{k}": v for k, v in BACKOFF.items()}

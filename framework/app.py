@@ -16,15 +16,15 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from framework import logging as blog
-from framework.config import Config
-from framework.errors import BallastError
-from framework.executor import BlockingExecutor, LoopDefaultExecutor
-from framework.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, UPSTREAM
-from framework.middleware import Handler, MiddlewareSpec, ordered
-from framework.plugins import Plugins, load_plugins
-from framework.problems import error_response, generic_response, problem_response
-from framework.upstream import PerCallClientProvider, Upstream, compose, single_attempt_call
+from ballast import logging as blog
+from ballast.config import Config
+from ballast.errors import BallastError
+from ballast.executor import BlockingExecutor, LoopDefaultExecutor
+from ballast.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, UPSTREAM
+from ballast.middleware import Handler, MiddlewareSpec, ordered
+from ballast.plugin_manager import Plugins, load_plugins
+from ballast.problems import error_response, generic_response, problem_response
+from ballast.upstream import PerCallClientProvider, Upstream, compose, single_attempt_call
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 log = blog.get_logger("ballast.app")
@@ -127,8 +127,8 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    from framework.openapi import openapi_handler
-    from framework.sessions.routes import setup_sessions
+    from ballast.openapi import openapi_handler
+    from ballast.sessions.routes import setup_sessions
 
     app.router.add_get("/openapi.json", openapi_handler)
     app.cleanup_ctx.append(_resources)  # before sessions: torn down after them

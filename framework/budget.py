@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from framework.errors import BudgetExceeded
+from ballast.errors import BudgetExceeded
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 
-from framework import logging as blog
-from framework.config import Config, load_settings
-from framework.errors import ConfigError, PluginError
-from framework.plugins import Plugins, load_plugins
+from ballast import logging as blog
+from ballast.config import Config, load_settings
+from ballast.errors import ConfigError, PluginError
+from ballast.plugin_manager import Plugins, load_plugins
 
 EXIT_CONFIG = 2
 
@@ -38,8 +38,8 @@ def _load(path: str | None) -> tuple[Config, Plugins]:
 async def _serve(config: Config, plugins: Plugins) -> None:
     from aiohttp import web
 
-    from framework.app import build_app
-    from framework.keys import STATE
+    from ballast.app import build_app
+    from ballast.keys import STATE
 
     server = config.settings.server
     app = build_app(config, plugins)
@@ -129,7 +129,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from framework.logtools import add_logs_parser
+    from ballast.logtools import add_logs_parser
 
     parser = argparse.ArgumentParser(prog="ballast", description="Ballast session service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "logs":
-        from framework.logtools import run_logs
+        from ballast.logtools import run_logs
 
         return run_logs(args)
     func: Any = args.func

@@ -2,9 +2,9 @@
 
 The file is ``config/default.toml`` unless ``--config`` names another; environment
 variables override single keys on top of it. Validation is pydantic's: unknown keys and
-bad values are :class:`~framework.errors.ConfigError` whose message names the dotted key
+bad values are :class:`~ballast.errors.ConfigError` whose message names the dotted key
 (``plugins.retry.attempts``). Plugin sections are validated against each plugin's own
-settings model once the plugins are known (see :mod:`framework.plugins`).
+settings model once the plugins are known (see :mod:`ballast.plugin_manager`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from framework.errors import ConfigError
+from ballast.errors import ConfigError
 
 ENV_PREFIX = "BALLAST__"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ class BlockingExecutor(Protocol):
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread and return its result.
 
-        May raise :class:`framework.errors.Overloaded` when capacity is exhausted.
+        May raise :class:`ballast.errors.Overloaded` when capacity is exhausted.
         """
         ...
 

@@ -21,11 +21,11 @@ if TYPE_CHECKING:
     from aiohttp import web
     from pydantic import BaseModel
 
-    from framework.config import Config
-    from framework.executor import BlockingExecutor
-    from framework.middleware import MiddlewareSpec
-    from framework.sessions.finalize import StageWrapper
-    from framework.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
+    from ballast.config import Config
+    from ballast.executor import BlockingExecutor
+    from ballast.middleware import MiddlewareSpec
+    from ballast.sessions.finalize import StageWrapper
+    from ballast.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
 
 hookspec = pluggy.HookspecMarker("ballast")
 hookimpl = pluggy.HookimplMarker("ballast")
@@ -42,7 +42,7 @@ def ballast_settings_model() -> type[BaseModel]:
 
     Called once per plugin while the config is validated, with each implementation
     called on its own so its result is tied to its plugin. The model must subclass
-    :class:`framework.config.PluginSection` (which brings ``enabled``). A plugin without
+    :class:`ballast.config.PluginSection` (which brings ``enabled``). A plugin without
     this hook accepts only ``enabled``.
     """
 
@@ -52,7 +52,7 @@ def ballast_configure(config: Config) -> None:
     """After every plugin is registered and the config validated; check cross-settings.
 
     :param config: the validated config; ``config.plugin(name)`` is a plugin's section.
-    Raise :class:`framework.errors.ConfigError` to refuse a bad combination. Returns
+    Raise :class:`ballast.errors.ConfigError` to refuse a bad combination. Returns
     nothing.
     """
 
@@ -66,7 +66,7 @@ def ballast_configure(config: Config) -> None:
 def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
     """Middlewares for the request path, called once when the app is built.
 
-    :return: a list of :class:`framework.middleware.MiddlewareSpec` (name, order,
+    :return: a list of :class:`ballast.middleware.MiddlewareSpec` (name, order,
         middleware). All results are merged and sorted by ``order``: the lowest order is
         the outermost. Builtin orders: ``error_sanitizer`` 100, ``timeout_budget`` 200.
     """

@@ -6,10 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
-from framework.config import Config
-from framework.executor import BlockingExecutor
-from framework.plugins import Plugins
-from framework.upstream import Upstream
+from ballast.config import Config
+from ballast.executor import BlockingExecutor
+from ballast.plugin_manager import Plugins
+from ballast.upstream import Upstream
 
 CONFIG = web.AppKey("ballast_config", Config)
 PLUGINS = web.AppKey("ballast_plugins", Plugins)

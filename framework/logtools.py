@@ -1797,7 +1797,7 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m framework.logtools summarize|trace ...``: the same as ``ballast logs``."""
+    """``python -m ballast.logtools summarize|trace ...``: the same as ``ballast logs``."""
     parser = argparse.ArgumentParser(prog="ballast logs", description="Analyse Ballast's JSON log lines.")
     _add_subcommands(parser)
     return run_logs(parser.parse_args(argv))

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from framework.sessions import models as m
+from ballast.sessions import models as m
 
 _ID = {"name": "session_id", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": m.SESSION_ID_PATTERN}}

@@ -11,8 +11,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from framework.errors import BallastError, ClientError, ValidationFailed
-from framework.keys import MAX_BODY
+from ballast.errors import BallastError, ClientError, ValidationFailed
+from ballast.keys import MAX_BODY
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 M = TypeVar("M", bound=BaseModel)

@@ -11,7 +11,7 @@ Three replaceable parts, composed once when the app is built:
 * wrappers (:data:`UpstreamWrapper`) around that call, outermost first.
 
 Every attempt's timeout is the smaller of the configured per-attempt timeout and the
-time left in the current budget (:mod:`framework.budget`).
+time left in the current budget (:mod:`ballast.budget`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from framework import budget
-from framework.errors import UpstreamError
+from ballast import budget
+from ballast.errors import UpstreamError
 
 
 @dataclass(frozen=True, slots=True)

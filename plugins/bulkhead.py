@@ -3,7 +3,7 @@
 The service once handed blocking work to a 64-thread pool: under load it grew threads,
 memory and latency without bound. Here blocking work gets ``max_workers`` threads
 (default 8) and at most ``max_queue`` callers waiting for one; past that a caller gets
-:class:`~framework.errors.Overloaded` (a 503 with ``Retry-After``) at once and
+:class:`~ballast.errors.Overloaded` (a 503 with ``Retry-After``) at once and
 ``bulkhead.rejected`` is logged. Context variables (the request id) are carried into
 the worker threads.
 
@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from framework.config import Config, PluginSection
-from framework.errors import Overloaded
-from framework.hookspecs import hookimpl
-from framework.logging import get_logger
+from ballast.config import Config, PluginSection
+from ballast.errors import Overloaded
+from ballast.hookspecs import hookimpl
+from ballast.logging import get_logger
 
 T = TypeVar("T")
 log = get_logger("ballast.bulkhead")

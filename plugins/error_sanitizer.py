@@ -20,13 +20,13 @@ import traceback
 from aiohttp import web
 from pydantic import Field
 
-from framework.config import Config, PluginSection
-from framework.errors import BallastError, Overloaded
-from framework.hookspecs import hookimpl
-from framework.keys import REQUEST_ID
-from framework.logging import get_logger
-from framework.middleware import Handler, Middleware, MiddlewareSpec
-from framework.problems import error_response, generic_response, is_problem
+from ballast.config import Config, PluginSection
+from ballast.errors import BallastError, Overloaded
+from ballast.hookspecs import hookimpl
+from ballast.keys import REQUEST_ID
+from ballast.logging import get_logger
+from ballast.middleware import Handler, Middleware, MiddlewareSpec
+from ballast.problems import error_response, generic_response, is_problem
 
 ORDER = 100
 log = get_logger("ballast.errors")

@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import Field
 
-from framework.config import Config, PluginSection
-from framework.hookspecs import hookimpl
-from framework.logging import get_logger
+from ballast.config import Config, PluginSection
+from ballast.hookspecs import hookimpl
+from ballast.logging import get_logger
 
 log = get_logger("ballast.queue")
 

@@ -10,7 +10,7 @@ that retries them, through aiohttp-retry's ``RetryClient``:
   (``aiohttp.ClientConnectionError``, ``ServerDisconnectedError``,
   ``ClientPayloadError``), except TLS errors, which do not heal. Nothing else: a 400,
   401, 403, 404, 422 or any other status is returned at once, as an
-  :class:`~framework.upstream.UpstreamResponse`, for the caller to handle.
+  :class:`~ballast.upstream.UpstreamResponse`, for the caller to handle.
 * **How long it waits**: exponential backoff, ``start_timeout_s * factor ** (n - 1)``
   after the n-th failed attempt, capped at ``max_timeout_s``, with *equal jitter*: the
   wait is drawn uniformly from ``[d/2, d]`` for the computed delay ``d``. Equal rather
@@ -18,15 +18,15 @@ that retries them, through aiohttp-retry's ``RetryClient``:
   an immediate retry, while still spreading out clients that failed together. A
   ``Retry-After`` header (delta-seconds or HTTP-date) on a retried response replaces
   the backoff, cut to ``max_retry_after_s``.
-* **The time budget** (:mod:`framework.budget`): each attempt's timeout is
-  :func:`framework.upstream.attempt_timeout`, the smaller of the per-attempt timeout
+* **The time budget** (:mod:`ballast.budget`): each attempt's timeout is
+  :func:`ballast.upstream.attempt_timeout`, the smaller of the per-attempt timeout
   and the time left, and it covers reading the whole body (a body that dribbles past it
   is a timeout). A wait that would reach the end of the budget is not slept at all: the
   call fails at once with ``kind="budget"``. So ``Retry-After: 3600`` under any budget
   of less than ``max_retry_after_s`` fails immediately instead of sleeping.
 
 The final failure is logged as ``upstream.failed`` and raised as
-:class:`~framework.errors.UpstreamError` with ``kind`` one of ``status`` (retried
+:class:`~ballast.errors.UpstreamError` with ``kind`` one of ``status`` (retried
 statuses to the last attempt), ``timeout``, ``connection`` or ``budget`` (the budget
 ran out, or the next wait would outlast it); ``upstream_status`` and ``error_type``
 tell what the last attempt saw. Each retry is logged as ``upstream.retry`` at warning
@@ -76,12 +76,12 @@ from aiohttp_retry import RequestParams, RetryClient, RetryOptionsBase
 from pydantic import Field, field_validator
 from yarl import URL
 
-from framework import budget
-from framework.config import Config, PluginSection
-from framework.errors import UpstreamError
-from framework.hookspecs import hookimpl
-from framework.logging import get_logger
-from framework.upstream import ClientProvider, UpstreamRequest, UpstreamResponse, attempt_timeout
+from ballast import budget
+from ballast.config import Config, PluginSection
+from ballast.errors import UpstreamError
+from ballast.hookspecs import hookimpl
+from ballast.logging import get_logger
+from ballast.upstream import ClientProvider, UpstreamRequest, UpstreamResponse, attempt_timeout
 
 log = get_logger("ballast.retry")
 

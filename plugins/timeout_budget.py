@@ -5,7 +5,7 @@
 * Finalize: each job runs under ``finalize_ms``. The deadline is checked by the core
   before every stage and enforced inside a stage by cancellation, so a hung upstream call
   in the report stage ends when the budget does; the job ends ``timed_out``.
-* Both deadlines are put in force (:mod:`framework.budget`), so upstream calls and
+* Both deadlines are put in force (:mod:`ballast.budget`), so upstream calls and
   their retries can use only what is left.
 
 Disabled: no request or job has a deadline; upstream calls are bounded only by their
@@ -22,12 +22,12 @@ from types import TracebackType
 from aiohttp import web
 from pydantic import Field
 
-from framework.budget import Deadline, deadline_scope
-from framework.config import Config, PluginSection
-from framework.errors import BudgetExceeded, UpstreamError
-from framework.hookspecs import hookimpl
-from framework.middleware import Handler, Middleware, MiddlewareSpec
-from framework.sessions.finalize import JobContext, JobRun, StageWrapper
+from ballast.budget import Deadline, deadline_scope
+from ballast.config import Config, PluginSection
+from ballast.errors import BudgetExceeded, UpstreamError
+from ballast.hookspecs import hookimpl
+from ballast.middleware import Handler, Middleware, MiddlewareSpec
+from ballast.sessions.finalize import JobContext, JobRun, StageWrapper
 
 ORDER = 200
 

@@ -31,7 +31,7 @@ def ballast_cmd(*args: str) -> list[str]:
     """The installed console script if present, else the module."""
     if os.path.exists(BALLAST):
         return [BALLAST, *args]
-    return [sys.executable, "-m", "framework.cli", *args]
+    return [sys.executable, "-m", "ballast.cli", *args]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,

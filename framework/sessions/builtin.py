@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from framework.sessions.inference import (
+from ballast.sessions.inference import (
     ActionItemReply,
     ReportInput,
     ReportReply,

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from framework import budget
-from framework.errors import BallastError, BudgetExceeded, UpstreamError
-from framework.logging import get_logger
+from ballast import budget
+from ballast.errors import BallastError, BudgetExceeded, UpstreamError
+from ballast.logging import get_logger
 
 STAGES = ("freeze", "drain", "replay", "reconcile", "stats", "events", "report", "persist")
 

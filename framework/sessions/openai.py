@@ -3,7 +3,7 @@
 Hosted and self-hosted models (OpenAI, DashScope's compatible mode, vLLM, Ollama) share
 one wire format, so one provider serves them all. It owns the prompts and the reply
 contract; everything about *getting* an answer (retries, timeouts, the time budget, the
-shared client) belongs to the :class:`~framework.upstream.Upstream` it is given, so this
+shared client) belongs to the :class:`~ballast.upstream.Upstream` it is given, so this
 module makes one logical call and judges what comes back.
 
 A model's reply is untrusted input: it is parsed strictly and validated against
@@ -25,10 +25,10 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
-from framework.errors import UpstreamError
-from framework.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply
-from framework.sessions.models import MAX_NAME
-from framework.upstream import Upstream, UpstreamRequest, UpstreamResponse, response_error
+from ballast.errors import UpstreamError
+from ballast.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply
+from ballast.sessions.models import MAX_NAME
+from ballast.upstream import Upstream, UpstreamRequest, UpstreamResponse, response_error
 
 #: Upper bound on the user message, in characters (roughly 6k tokens).
 MAX_PROMPT_CHARS = 24_000

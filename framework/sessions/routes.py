@@ -1,7 +1,7 @@
 """HTTP handlers of the session API (v1) and their wiring into the app.
 
 Handlers only translate: validate input with the models, call the service, serialise.
-Every error they raise is typed (:mod:`framework.errors`) and becomes a problem
+Every error they raise is typed (:mod:`ballast.errors`) and becomes a problem
 response in the request path.
 """
 
@@ -17,15 +17,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from framework.errors import ClientError, ConfigError, NotFound
-from framework.keys import CONFIG, EXECUTOR, PLUGINS, UPSTREAM
-from framework.logging import get_logger, register_secret
-from framework.problems import read_json, read_model, validate
-from framework.sessions import models as m
-from framework.sessions.builtin import BuiltinProvider
-from framework.sessions.inference import InferenceProvider
-from framework.sessions.service import SessionService
-from framework.sessions.sqlite_store import SQLiteStore
+from ballast.errors import ClientError, ConfigError, NotFound
+from ballast.keys import CONFIG, EXECUTOR, PLUGINS, UPSTREAM
+from ballast.logging import get_logger, register_secret
+from ballast.problems import read_json, read_model, validate
+from ballast.sessions import models as m
+from ballast.sessions.builtin import BuiltinProvider
+from ballast.sessions.inference import InferenceProvider
+from ballast.sessions.service import SessionService
+from ballast.sessions.sqlite_store import SQLiteStore
 
 SERVICE = web.AppKey("ballast_sessions", SessionService)
 _SESSION_ID = re.compile(m.SESSION_ID_PATTERN)
@@ -113,7 +113,7 @@ def make_provider(app: web.Application) -> InferenceProvider:
     settings = app[CONFIG].settings.inference
     if settings.provider == "builtin":
         return BuiltinProvider(app[EXECUTOR].run)
-    from framework.sessions.openai import OpenAIProvider
+    from ballast.sessions.openai import OpenAIProvider
 
     if not settings.base_url:
         raise ConfigError("inference.base_url: required when inference.provider is 'openai'")

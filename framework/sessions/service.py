@@ -13,14 +13,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from framework import budget
-from framework.errors import Conflict, NotFound, Overloaded, UpstreamError
-from framework.executor import BlockingExecutor
-from framework.logging import get_logger
-from framework.sessions import analysis
-from framework.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
-from framework.sessions.inference import InferenceProvider, ReportInput, ResolveInput
-from framework.sessions.store import SessionRecord, Store
+from ballast import budget
+from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
+from ballast.executor import BlockingExecutor
+from ballast.logging import get_logger
+from ballast.sessions import analysis
+from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
+from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
+from ballast.sessions.store import SessionRecord, Store
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")

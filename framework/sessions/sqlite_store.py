@@ -34,8 +34,8 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 import structlog
 
-from framework.errors import BallastError, ClientError, StoreError
-from framework.sessions.store import (
+from ballast.errors import BallastError, ClientError, StoreError
+from ballast.sessions.store import (
     INTERRUPTED_JOB_ERROR,
     SESSION_STATES,
     SPEAKERS_RESOLVED,
@@ -290,7 +290,7 @@ def _answer_reads(results: list[_ReadAnswer]) -> None:
 
 
 class SQLiteStore:
-    """The :class:`~framework.sessions.store.Store` port on a SQLite file in WAL mode.
+    """The :class:`~ballast.sessions.store.Store` port on a SQLite file in WAL mode.
 
     ``durability="full"`` fsyncs every commit (a returned write survives power loss);
     ``"normal"`` fsyncs only at checkpoints (a returned write survives a crash of the

@@ -2,7 +2,7 @@
 
 The session handlers, the mutation queue and the finalize job speak only to
 :class:`Store`. The embedded default is the SQLite adapter
-(:mod:`framework.sessions.sqlite_store`); the port is shaped so that a PostgreSQL
+(:mod:`ballast.sessions.sqlite_store`); the port is shaped so that a PostgreSQL
 adapter can follow without touching the callers: every write goes through one ordered
 path per session, sequence numbers are assigned inside the committing transaction, and
 a returned write is a committed write.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from framework.errors import Conflict, NotFound
+from ballast.errors import Conflict, NotFound
 
 #: Every state a session can be in, in lifecycle order.
 SESSION_STATES: Final = ("open", "finalizing", "finalized", "failed")
@@ -91,9 +91,9 @@ class Store(Protocol):
     Writes are ordered: appends, state changes and saves for a session are applied in
     the order they were called, and a write that returns has been committed (with
     durability ``full``, fsynced). Failures that are the caller's (unknown session,
-    session not open, id taken) raise :class:`~framework.errors.NotFound` or
-    :class:`~framework.errors.Conflict`; anything else raises
-    :class:`~framework.errors.StoreError`.
+    session not open, id taken) raise :class:`~ballast.errors.NotFound` or
+    :class:`~ballast.errors.Conflict`; anything else raises
+    :class:`~ballast.errors.StoreError`.
     """
 
     async def open(self) -> None:

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from framework.app import build_app
-from framework.config import load_settings
-from framework.keys import STATE
+from ballast.app import build_app
+from ballast.config import load_settings
+from ballast.keys import STATE
 
 
 @pytest.fixture

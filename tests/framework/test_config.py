@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from support import run_cli
 
-from framework.config import env_overrides, load_settings
-from framework.errors import ConfigError
-from framework.plugins import load_plugins
+from ballast.config import env_overrides, load_settings
+from ballast.errors import ConfigError
+from ballast.plugin_manager import load_plugins
 
 
 def test_defaults_load_and_validate_every_plugin() -> None:

@@ -20,19 +20,19 @@ from fake_upstream import FakeUpstream
 from pydantic import BaseModel
 from pytest_aiohttp import AiohttpClient
 
-from framework import hookspecs
-from framework.app import build_app
-from framework.config import DEFAULT_CONFIG, Config, PluginSection, load_settings
-from framework.errors import ConfigError, PluginError
-from framework.executor import LoopDefaultExecutor
-from framework.hookspecs import hookimpl
-from framework.keys import EXECUTOR, UPSTREAM
-from framework.middleware import Handler, MiddlewareSpec
-from framework.plugins import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, load_plugins
-from framework.sessions.finalize import JobContext, JobRun
-from framework.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
-from plugins import error_sanitizer, timeout_budget
-from plugins.bulkhead import BoundedExecutor
+from ballast import hookspecs
+from ballast.app import build_app
+from ballast.config import DEFAULT_CONFIG, Config, PluginSection, load_settings
+from ballast.errors import ConfigError, PluginError
+from ballast.executor import LoopDefaultExecutor
+from ballast.hookspecs import hookimpl
+from ballast.keys import EXECUTOR, UPSTREAM
+from ballast.middleware import Handler, MiddlewareSpec
+from ballast.plugin_manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, load_plugins
+from ballast.plugins import error_sanitizer, timeout_budget
+from ballast.plugins.bulkhead import BoundedExecutor
+from ballast.sessions.finalize import JobContext, JobRun
+from ballast.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "plugins.md"

@@ -225,7 +225,7 @@ def test_the_scan_understands_the_ways_to_log(tmp_path: Path) -> None:
     module.write_text(
         "import structlog\n"
         "from framework import logging as blog\n"
-        "from framework.logging import get_logger, request_line\n"
+        "from ballast.logging import get_logger, request_line\n"
         "log = get_logger('x')\n"
         "slog = structlog.get_logger(__name__)\n"
         "class C:\n"

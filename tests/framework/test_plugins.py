@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from support import ServerProcess, request, run_cli
 
-from framework.config import load_settings
-from framework.errors import PluginError
-from framework.plugins import BUILTIN_PLUGINS, load_plugins
+from ballast.config import load_settings
+from ballast.errors import PluginError
+from ballast.plugin_manager import BUILTIN_PLUGINS, load_plugins
 
 BUILTINS = [name for name, _ in BUILTIN_PLUGINS]
 
@@ -91,9 +91,9 @@ def _third_party(site: Path, body: str, module: str = "ballast_headers_plugin") 
 
 PLUGIN_SOURCE = '''
 from pydantic import Field
-from framework.config import PluginSection
-from framework.hookspecs import hookimpl
-from framework.middleware import MiddlewareSpec
+from ballast.config import PluginSection
+from ballast.hookspecs import hookimpl
+from ballast.middleware import MiddlewareSpec
 
 
 class Settings(PluginSection):
@@ -143,7 +143,7 @@ def test_broken_entry_point_is_named(tmp_path: Path) -> None:
 
 
 def test_misspelled_hookimpl_is_caught() -> None:
-    from framework.hookspecs import hookimpl
+    from ballast.hookspecs import hookimpl
 
     class Typo:
         @hookimpl

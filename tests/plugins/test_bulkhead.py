@@ -19,16 +19,16 @@ import structlog
 from structlog.testing import capture_logs
 from support import ServerProcess
 
-from framework.app import build_app
-from framework.config import load_settings
-from framework.errors import Overloaded
-from framework.executor import LoopDefaultExecutor
-from framework.keys import EXECUTOR
-from framework.logging import get_logger
-from framework.plugins import load_plugins
-from framework.problems import PROBLEM_CONTENT_TYPE
-from plugins import bulkhead
-from plugins.bulkhead import BoundedExecutor, Settings
+from ballast.app import build_app
+from ballast.config import load_settings
+from ballast.errors import Overloaded
+from ballast.executor import LoopDefaultExecutor
+from ballast.keys import EXECUTOR
+from ballast.logging import get_logger
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import bulkhead
+from ballast.plugins.bulkhead import BoundedExecutor, Settings
+from ballast.problems import PROBLEM_CONTENT_TYPE
 
 POOL_PREFIX = "ballast-blocking"
 

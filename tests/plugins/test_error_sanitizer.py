@@ -24,22 +24,22 @@ from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 from support import ServerProcess, request
 
-from framework.app import build_app, request_context
-from framework.config import Config, load_settings
-from framework.errors import (
+from ballast.app import build_app, request_context
+from ballast.config import Config, load_settings
+from ballast.errors import (
     BallastError,
     BudgetExceeded,
     Overloaded,
     StoreError,
     UpstreamError,
 )
-from framework.hookspecs import hookimpl
-from framework.middleware import Handler, MiddlewareSpec
-from framework.plugins import load_plugins
-from framework.problems import GENERIC, PROBLEM_CONTENT_TYPE
-from framework.sessions.service import RESOLVE_UNAVAILABLE
-from framework.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
-from plugins import error_sanitizer
+from ballast.hookspecs import hookimpl
+from ballast.middleware import Handler, MiddlewareSpec
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import error_sanitizer
+from ballast.problems import GENERIC, PROBLEM_CONTENT_TYPE
+from ballast.sessions.service import RESOLVE_UNAVAILABLE
+from ballast.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
 
 API_KEY_ENV = "BALLAST_TEST_SANITIZER_KEY"
 API_KEY = "sk-sanitizer-5f3c9e1d7a2b4c6e"

@@ -19,14 +19,14 @@ from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 from support import ServerProcess, request
 
-from framework.app import build_app
-from framework.config import load_settings
-from framework.errors import StoreError
-from framework.hookspecs import hookimpl
-from framework.plugins import load_plugins
-from framework.problems import GENERIC, PROBLEM_CONTENT_TYPE
-from framework.sessions.sqlite_store import SQLiteStore
-from plugins import queue_logging
+from ballast.app import build_app
+from ballast.config import load_settings
+from ballast.errors import StoreError
+from ballast.hookspecs import hookimpl
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import queue_logging
+from ballast.problems import GENERIC, PROBLEM_CONTENT_TYPE
+from ballast.sessions.sqlite_store import SQLiteStore
 
 TRIGGER = """
 CREATE TRIGGER fail_boom BEFORE INSERT ON mutations WHEN NEW.mutation_id = 'boom'

@@ -29,15 +29,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from framework.budget import Deadline, deadline_scope
-from framework.config import Config, PluginSection, load_settings
-from framework.errors import ConfigError, UpstreamError
-from framework.plugins import load_plugins
-from framework.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse
-from plugins import retry
-from plugins.retry import RetryingCall, Settings, backoff_delay, parse_retry_after
-from plugins.shared_client import Settings as SharedClientSettings
-from plugins.shared_client import SharedClientProvider
+from ballast.budget import Deadline, deadline_scope
+from ballast.config import Config, PluginSection, load_settings
+from ballast.errors import ConfigError, UpstreamError
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import retry
+from ballast.plugins.retry import RetryingCall, Settings, backoff_delay, parse_retry_after
+from ballast.plugins.shared_client import Settings as SharedClientSettings
+from ballast.plugins.shared_client import SharedClientProvider
+from ballast.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse
 
 API_KEY = "sk-test-0123456789abcdef"
 #: Backoff in milliseconds, without jitter, so waits are short and known.

@@ -18,10 +18,10 @@ import pytest_asyncio
 from fake_upstream import FakeUpstream
 from pydantic import ValidationError
 
-from framework.config import PluginSection, load_settings
-from framework.upstream import UpstreamRequest, single_attempt_call
-from plugins import shared_client
-from plugins.shared_client import Settings, SharedClientProvider
+from ballast.config import PluginSection, load_settings
+from ballast.plugins import shared_client
+from ballast.plugins.shared_client import Settings, SharedClientProvider
+from ballast.upstream import UpstreamRequest, single_attempt_call
 
 pytestmark = [
     pytest.mark.filterwarnings("error::ResourceWarning"),

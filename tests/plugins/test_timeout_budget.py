@@ -21,19 +21,19 @@ from fake_upstream import FakeUpstream, Step
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from framework import budget
-from framework.app import build_app
-from framework.budget import Deadline, deadline_scope
-from framework.config import Config, load_settings
-from framework.errors import BudgetExceeded, UpstreamError
-from framework.hookspecs import hookimpl
-from framework.middleware import MiddlewareSpec
-from framework.plugins import load_plugins
-from framework.problems import PROBLEM_CONTENT_TYPE
-from framework.sessions.finalize import JobContext
-from framework.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
-from plugins import timeout_budget
-from plugins.timeout_budget import Settings, request_budget
+from ballast import budget
+from ballast.app import build_app
+from ballast.budget import Deadline, deadline_scope
+from ballast.config import Config, load_settings
+from ballast.errors import BudgetExceeded, UpstreamError
+from ballast.hookspecs import hookimpl
+from ballast.middleware import MiddlewareSpec
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import timeout_budget
+from ballast.plugins.timeout_budget import Settings, request_budget
+from ballast.problems import PROBLEM_CONTENT_TYPE
+from ballast.sessions.finalize import JobContext
+from ballast.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
 
 LONG_ATTEMPT_MS = "60000"
 
@@ -333,8 +333,8 @@ def test_settings_defaults_and_bounds() -> None:
 async def test_watchdog_cancels_only_requests_past_their_deadline() -> None:
     import asyncio
 
-    from framework.budget import Deadline
-    from plugins.timeout_budget import Watchdog
+    from ballast.budget import Deadline
+    from ballast.plugins.timeout_budget import Watchdog
 
     dog = Watchdog(interval_s=0.01)
 

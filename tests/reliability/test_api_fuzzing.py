@@ -41,7 +41,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 from support import ServerProcess
 
-from framework.errors import (
+from ballast.errors import (
     BallastError,
     BudgetExceeded,
     ClientError,
@@ -50,8 +50,8 @@ from framework.errors import (
     StoreError,
     UpstreamError,
 )
-from framework.sessions.models import MutationBatch
-from plugins.error_sanitizer import sanitizer
+from ballast.plugins.error_sanitizer import sanitizer
+from ballast.sessions.models import MutationBatch
 
 pytestmark = pytest.mark.reliability
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framework.sessions import analysis
-from framework.sessions.analysis import (
+from ballast.sessions import analysis
+from ballast.sessions.analysis import (
     MERGE_GAP_MS,
     Reconciled,
     build_timeline,
@@ -19,7 +19,7 @@ from framework.sessions.analysis import (
     replay,
     transcript_excerpt,
 )
-from framework.sessions.models import SpeakerStats
+from ballast.sessions.models import SpeakerStats
 
 Row = dict[str, Any]
 

@@ -16,16 +16,16 @@ import pytest
 import pytest_asyncio
 from fake_upstream import INTERNAL_MARKER, FakeUpstream, Step
 
-from framework import budget
-from framework.errors import UpstreamError
-from framework.sessions.inference import ReportInput, ResolveInput
-from framework.sessions.openai import (
+from ballast import budget
+from ballast.errors import UpstreamError
+from ballast.sessions.inference import ReportInput, ResolveInput
+from ballast.sessions.openai import (
     MAX_PROMPT_CHARS,
     OpenAIProvider,
     report_prompt,
     resolve_prompt,
 )
-from framework.upstream import (
+from ballast.upstream import (
     PerCallClientProvider,
     Upstream,
     UpstreamRequest,

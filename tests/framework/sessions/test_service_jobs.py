@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from framework.app import build_app
-from framework.config import load_settings
-from framework.keys import EXECUTOR
+from ballast.app import build_app
+from ballast.config import load_settings
+from ballast.keys import EXECUTOR
 
 
 async def _job(client: TestClient, sid: str) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from framework.errors import Conflict, NotFound, StoreError
-from framework.sessions.sqlite_store import SQLiteStore
-from framework.sessions.store import INTERRUPTED_JOB_ERROR, Store
+from ballast.errors import Conflict, NotFound, StoreError
+from ballast.sessions.sqlite_store import SQLiteStore
+from ballast.sessions.store import INTERRUPTED_JOB_ERROR, Store
 
 Failure = tuple[str, list[dict[str, Any]], BaseException]
 

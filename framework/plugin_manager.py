@@ -18,21 +18,21 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from framework import hookspecs
-from framework.config import Config, PluginSection, format_validation_error
-from framework.errors import ConfigError, PluginError
+from ballast import hookspecs
+from ballast.config import Config, PluginSection, format_validation_error
+from ballast.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "ballast.plugins"
 
 #: Builtin plugins, in order. Middleware order is set by each plugin's ``order``; this
 #: order decides registration (and so the order of wrappers: first is outermost).
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("error_sanitizer", "plugins.error_sanitizer"),
-    ("timeout_budget", "plugins.timeout_budget"),
-    ("retry", "plugins.retry"),
-    ("shared_client", "plugins.shared_client"),
-    ("bulkhead", "plugins.bulkhead"),
-    ("queue_logging", "plugins.queue_logging"),
+    ("error_sanitizer", "ballast.plugins.error_sanitizer"),
+    ("timeout_budget", "ballast.plugins.timeout_budget"),
+    ("retry", "ballast.plugins.retry"),
+    ("shared_client", "ballast.plugins.shared_client"),
+    ("bulkhead", "ballast.plugins.bulkhead"),
+    ("queue_logging", "ballast.plugins.queue_logging"),
 )
 
 
@@ -64,7 +64,7 @@ def _settings_model(name: str, plugin: Any) -> type[PluginSection]:
     model = factory() if factory is not None else PluginSection
     if not (isinstance(model, type) and issubclass(model, PluginSection)):
         raise PluginError(f"plugin {name!r}: ballast_settings_model must return a "
-                          "subclass of framework.config.PluginSection")
+                          "subclass of ballast.config.PluginSection")
     return model
 
 
