@@ -31,6 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ballast.telemetry import Telemetry
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,11 +65,12 @@ async def scenario(p: float | None, calls: int, seed: int) -> dict[str, Any]:
     config = load_settings(environ=environ)
     plugins = load_plugins(config)
     hook = plugins.hook
-    provider = hook.ballast_client_provider(config=config)
-    call = hook.ballast_upstream_call(config=config, provider=provider)
+    provider = hook.ballast_client_provider(config=config, telemetry=Telemetry())
+    call = hook.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
     if provider is None or call is None:
         raise RuntimeError("the shared_client and retry plugins must be enabled")
-    wrappers = [w for group in hook.ballast_upstream_wrappers(config=config) for w in group]
+    wrappers = [w for group in hook.ballast_upstream_wrappers(
+        config=config, telemetry=Telemetry()) for w in group]
     call = compose(call, wrappers)
     attempts_setting = config.plugin("retry").attempts
 

@@ -20,10 +20,11 @@ from ballast import logging as blog
 from ballast.config import Config
 from ballast.errors import BallastError
 from ballast.executor import BlockingExecutor, LoopDefaultExecutor
-from ballast.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, UPSTREAM
+from ballast.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, TELEMETRY, UPSTREAM
 from ballast.middleware import Handler, MiddlewareSpec, ordered
 from ballast.plugin_manager import Plugins, load_plugins
 from ballast.problems import error_response, generic_response, problem_response
+from ballast.telemetry import Telemetry
 from ballast.upstream import PerCallClientProvider, Upstream, compose, single_attempt_call
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
@@ -107,21 +108,26 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
     """Build the application for ``config``; loads plugins unless they are given."""
     plugins = plugins or load_plugins(config)
     hook = plugins.hook
+    telemetry = Telemetry()
     # pluggy returns the last registered plugin's result first; reversed, results come
     # in registration order (ties in middleware order, wrappers first-is-outermost).
     specs: list[MiddlewareSpec] = [
-        s for group in reversed(hook.ballast_middlewares(config=config)) for s in group]
+        s for group in reversed(hook.ballast_middlewares(config=config, telemetry=telemetry)) for s in group]
     max_body = config.settings.server.max_body_bytes
     app = web.Application(middlewares=[request_context, *ordered(specs)], client_max_size=max_body)
     app[CONFIG] = config
     app[PLUGINS] = plugins
     app[MAX_BODY] = max_body
     app[STATE] = {"ready": False, "draining": False}
+    app[TELEMETRY] = telemetry
 
-    executor: BlockingExecutor = hook.ballast_executor(config=config) or LoopDefaultExecutor()
-    provider = hook.ballast_client_provider(config=config) or PerCallClientProvider()
-    call = hook.ballast_upstream_call(config=config, provider=provider) or single_attempt_call(provider)
-    wrappers = [w for group in reversed(hook.ballast_upstream_wrappers(config=config)) for w in group]
+    executor: BlockingExecutor = (hook.ballast_executor(config=config, telemetry=telemetry)
+                                 or LoopDefaultExecutor())
+    provider = hook.ballast_client_provider(config=config, telemetry=telemetry) or PerCallClientProvider()
+    call = hook.ballast_upstream_call(
+        config=config, provider=provider, telemetry=telemetry) or single_attempt_call(provider)
+    wrappers = [w for group in reversed(hook.ballast_upstream_wrappers(
+        config=config, telemetry=telemetry)) for w in group]
     app[EXECUTOR] = executor
     app[UPSTREAM] = Upstream(compose(call, wrappers), provider)
 

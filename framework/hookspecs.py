@@ -8,6 +8,10 @@ that the framework awaits.
 
 Hook names read as ``ballast_`` + phase + noun. Unless a docstring says "first non-None
 result wins", every implementation's result is collected.
+
+Build hooks that return something for the request or upstream path also receive
+``telemetry`` (:class:`ballast.telemetry.Telemetry`): take instruments from it once,
+inside the hook, and record on them per call (a plugin may omit the argument).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from ballast.executor import BlockingExecutor
     from ballast.middleware import MiddlewareSpec
     from ballast.sessions.finalize import StageWrapper
+    from ballast.telemetry import Telemetry
     from ballast.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
 
 hookspec = pluggy.HookspecMarker("ballast")
@@ -63,7 +68,7 @@ def ballast_configure(config: Config) -> None:
 
 
 @hookspec
-def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
+def ballast_middlewares(config: Config, telemetry: Telemetry) -> list[MiddlewareSpec]:
     """Middlewares for the request path, called once when the app is built.
 
     :return: a list of :class:`ballast.middleware.MiddlewareSpec` (name, order,
@@ -78,7 +83,7 @@ def ballast_middlewares(config: Config) -> list[MiddlewareSpec]:
 
 
 @hookspec(firstresult=True)
-def ballast_client_provider(config: Config) -> ClientProvider | None:
+def ballast_client_provider(config: Config, telemetry: Telemetry) -> ClientProvider | None:
     """The provider of outbound ``aiohttp.ClientSession`` s, called once at app build.
 
     First non-None result wins; the core falls back to a fresh session per call.
@@ -87,7 +92,8 @@ def ballast_client_provider(config: Config) -> ClientProvider | None:
 
 
 @hookspec(firstresult=True)
-def ballast_upstream_call(config: Config, provider: ClientProvider) -> UpstreamCall | None:
+def ballast_upstream_call(config: Config, provider: ClientProvider,
+                          telemetry: Telemetry) -> UpstreamCall | None:
     """The call that sends one logical upstream request, called once at app build.
 
     :param provider: the client provider chosen by :func:`ballast_client_provider`.
@@ -97,7 +103,7 @@ def ballast_upstream_call(config: Config, provider: ClientProvider) -> UpstreamC
 
 
 @hookspec
-def ballast_upstream_wrappers(config: Config) -> list[UpstreamWrapper]:
+def ballast_upstream_wrappers(config: Config, telemetry: Telemetry) -> list[UpstreamWrapper]:
     """Wrappers around the upstream call, called once at app build.
 
     :return: a list of ``(UpstreamCall) -> UpstreamCall``. Results of all plugins are
@@ -111,7 +117,7 @@ def ballast_upstream_wrappers(config: Config) -> list[UpstreamWrapper]:
 
 
 @hookspec(firstresult=True)
-def ballast_executor(config: Config) -> BlockingExecutor | None:
+def ballast_executor(config: Config, telemetry: Telemetry) -> BlockingExecutor | None:
     """The executor for blocking work (SQLite reads, CPU-heavy finalize stages).
 
     Called once at app build. First non-None result wins; the core falls back to an
@@ -121,7 +127,7 @@ def ballast_executor(config: Config) -> BlockingExecutor | None:
 
 
 @hookspec
-def ballast_finalize_wrappers(config: Config) -> list[StageWrapper]:
+def ballast_finalize_wrappers(config: Config, telemetry: Telemetry) -> list[StageWrapper]:
     """Wrappers around a finalize job's run, called once at app build.
 
     A wrapper is ``(run) -> run`` where ``run`` is ``async (job: JobContext) -> None``;

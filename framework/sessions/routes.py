@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from ballast.errors import ClientError, ConfigError, NotFound
-from ballast.keys import CONFIG, EXECUTOR, PLUGINS, UPSTREAM
+from ballast.keys import CONFIG, EXECUTOR, PLUGINS, TELEMETRY, UPSTREAM
 from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
@@ -152,7 +152,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("finalize.recovered", jobs=interrupted)
     provider = make_provider(app)
     # Registration order, first outermost (pluggy returns the last registered first).
-    groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config)
+    groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config, telemetry=app[TELEMETRY])
     wrappers = [w for group in reversed(groups) for w in group]
     service = SessionService(store, app[EXECUTOR], provider, wrappers)
     app[SERVICE] = service

@@ -29,6 +29,7 @@ from ballast.plugin_manager import load_plugins
 from ballast.plugins import bulkhead
 from ballast.plugins.bulkhead import BoundedExecutor, Settings
 from ballast.problems import PROBLEM_CONTENT_TYPE
+from ballast.telemetry import Telemetry
 
 POOL_PREFIX = "ballast-blocking"
 
@@ -153,7 +154,8 @@ async def test_hook_ballast_executor(tmp_path: Path) -> None:
     path.write_text("[plugins.bulkhead]\nmax_workers = 3\nmax_queue = 5\nretry_after_s = 2\n")
     config = load_settings(path, environ={"BALLAST__STORAGE__PATH": str(tmp_path / "b.db")})
     plugins = load_plugins(config, eps=[])
-    executor = plugins.hook.ballast_executor(config=config)  # first result wins: one object
+    # first result wins: one object
+    executor = plugins.hook.ballast_executor(config=config, telemetry=Telemetry())
     try:
         assert isinstance(executor, BoundedExecutor)
         assert (executor.max_workers, executor.max_queue, executor.retry_after_s) == (3, 5, 2)
@@ -164,7 +166,7 @@ async def test_hook_ballast_executor(tmp_path: Path) -> None:
 
     disabled = load_settings(path, environ={"BALLAST__PLUGINS__BULKHEAD__ENABLED": "false"})
     plugins = load_plugins(disabled, eps=[])
-    assert plugins.hook.ballast_executor(config=disabled) is None
+    assert plugins.hook.ballast_executor(config=disabled, telemetry=Telemetry()) is None
     fallback = build_app(disabled, plugins)[EXECUTOR]
     assert isinstance(fallback, LoopDefaultExecutor)
     assert await fallback.run(sum, [1, 2]) == 3

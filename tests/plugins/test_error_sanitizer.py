@@ -39,6 +39,7 @@ from ballast.plugin_manager import load_plugins
 from ballast.plugins import error_sanitizer
 from ballast.problems import GENERIC, PROBLEM_CONTENT_TYPE
 from ballast.sessions.service import RESOLVE_UNAVAILABLE
+from ballast.telemetry import Telemetry
 from ballast.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
 
 API_KEY_ENV = "BALLAST_TEST_SANITIZER_KEY"
@@ -497,7 +498,8 @@ async def test_hook_ballast_middlewares(tmp_path: Path, aiohttp_client: AiohttpC
     config = make_config(tmp_path, BALLAST__PLUGINS__ERROR_SANITIZER__MAX_TRACEBACK_FRAMES="2")
     boom = Boom(order=150)
     plugins = load_plugins(config, eps=[], extra=[("boom", boom)])
-    specs = [s for group in plugins.hook.ballast_middlewares(config=config) for s in group]
+    groups = plugins.hook.ballast_middlewares(config=config, telemetry=Telemetry())
+    specs = [s for group in groups for s in group]
     by_order = sorted(specs, key=lambda s: s.order)
     assert [(s.name, s.order) for s in by_order] == [
         ("error_sanitizer", 100), ("boom", 150), ("timeout_budget", 200)]

@@ -37,6 +37,7 @@ from ballast.plugins import retry
 from ballast.plugins.retry import RetryingCall, Settings, backoff_delay, parse_retry_after
 from ballast.plugins.shared_client import Settings as SharedClientSettings
 from ballast.plugins.shared_client import SharedClientProvider
+from ballast.telemetry import Telemetry
 from ballast.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse
 
 API_KEY = "sk-test-0123456789abcdef"
@@ -505,7 +506,7 @@ async def test_hook_ballast_upstream_call_through_the_plugin_manager(
     path.write_text("[plugins.retry]\nattempts = 2\nstart_timeout_s = 0.01\njitter = false\n")
     config = load_settings(path, environ={"BALLAST__PLUGINS__RETRY__STATUSES": "[500]"})
     plugins = load_plugins(config)
-    call = plugins.hook.ballast_upstream_call(config=config, provider=provider)
+    call = plugins.hook.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
     assert isinstance(call, RetryingCall)
     assert (call.settings.attempts, call.settings.statuses) == (2, [500])
     fake.default = Step.status(500)

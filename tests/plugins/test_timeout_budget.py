@@ -33,6 +33,7 @@ from ballast.plugins import timeout_budget
 from ballast.plugins.timeout_budget import Settings, request_budget
 from ballast.problems import PROBLEM_CONTENT_TYPE
 from ballast.sessions.finalize import JobContext
+from ballast.telemetry import Telemetry
 from ballast.upstream import UpstreamCall, UpstreamRequest, UpstreamResponse
 
 LONG_ATTEMPT_MS = "60000"
@@ -283,7 +284,8 @@ async def test_an_outer_earlier_deadline_still_wins() -> None:
 async def test_hook_ballast_finalize_wrappers(tmp_path: Path, fake: FakeUpstream) -> None:
     config = make_config(tmp_path, fake, BALLAST__PLUGINS__TIMEOUT_BUDGET__FINALIZE_MS="200")
     plugins = load_plugins(config, eps=[])
-    [wrap] = [w for group in plugins.hook.ballast_finalize_wrappers(config=config) for w in group]
+    groups = plugins.hook.ballast_finalize_wrappers(config=config, telemetry=Telemetry())
+    [wrap] = [w for group in groups for w in group]
 
     async def hangs(job: JobContext) -> None:
         job.current = "report"
@@ -305,7 +307,8 @@ async def test_hook_ballast_finalize_wrappers(tmp_path: Path, fake: FakeUpstream
 
     blocked = load_plugins(make_config(tmp_path, fake, BALLAST__PLUGINS__TIMEOUT_BUDGET__ENABLED="false"),
                            eps=[])
-    assert [w for group in blocked.hook.ballast_finalize_wrappers(config=config) for w in group] == []
+    groups = blocked.hook.ballast_finalize_wrappers(config=config, telemetry=Telemetry())
+    assert [w for group in groups for w in group] == []
 
 
 def test_its_middleware_sits_inside_the_sanitizer(tmp_path: Path) -> None:
@@ -316,7 +319,8 @@ def test_its_middleware_sits_inside_the_sanitizer(tmp_path: Path) -> None:
     [spec] = timeout_budget.ballast_middlewares(config=config)
     assert isinstance(spec, MiddlewareSpec)
     assert (spec.name, spec.order) == ("timeout_budget", 200)
-    orders = {s.name: s.order for g in plugins.hook.ballast_middlewares(config=config) for s in g}
+    groups = plugins.hook.ballast_middlewares(config=config, telemetry=Telemetry())
+    orders = {s.name: s.order for g in groups for s in g}
     assert orders["error_sanitizer"] < orders["timeout_budget"]
     assert config.plugin("timeout_budget").request_ms == 1234
 
