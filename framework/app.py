@@ -20,6 +20,7 @@ from ballast import logging as blog
 from ballast.config import Config
 from ballast.errors import BallastError
 from ballast.executor import BlockingExecutor, LoopDefaultExecutor
+from ballast.http_server import SERVER_NAME
 from ballast.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, TELEMETRY, UPSTREAM
 from ballast.middleware import Handler, MiddlewareSpec, ordered
 from ballast.plugin_manager import Plugins, load_plugins
@@ -79,6 +80,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = rid
+            if status >= 400 and request.body_exists and not request.content.is_eof():
+                # Refused before its body was read: close rather than drain the rest.
+                resp.force_close()
         return resp
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
@@ -142,6 +146,7 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
     for extra in hook.ballast_app_built(app=app, config=config):
         if extra is not None:
             app.cleanup_ctx.append(extra)
+    app.on_response_prepare.append(_security_headers)
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_mark_draining)
     return app
@@ -152,6 +157,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[UPSTREAM].close()
     app[EXECUTOR].shutdown()
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response: no MIME sniffing, no versions; ``/v1`` data is never cached."""
+    headers = response.headers
+    headers["Server"] = SERVER_NAME
+    headers["X-Content-Type-Options"] = "nosniff"
+    if request.path.startswith("/v1/"):
+        headers["Cache-Control"] = "no-store"
 
 
 async def _mark_ready(app: web.Application) -> None:

@@ -1,4 +1,4 @@
-"""The ``ballast`` command: ``serve``, ``plugins``, ``config show|check`` and ``logs``.
+"""The ``ballast`` command: ``serve``, ``plugins``, ``config show|check``, ``keys`` and ``logs``.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the
 message names the offending key).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from typing import Any
@@ -39,12 +40,14 @@ async def _serve(config: Config, plugins: Plugins) -> None:
     from aiohttp import web
 
     from ballast.app import build_app
+    from ballast.http_server import BallastAppRunner
     from ballast.keys import STATE
 
     server = config.settings.server
     app = build_app(config, plugins)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=server.shutdown_timeout_s)
+    runner = BallastAppRunner(app, access_log=None, handle_signals=False,
+                              shutdown_timeout=server.shutdown_timeout_s,
+                              header_timeout_s=server.header_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
     await site.start()
@@ -86,8 +89,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except ValueError as exc:
         return _fail(f"server: {exc}")
+    refusal = exposure_refusal(config, plugins)
+    if refusal is not None:
+        return _fail(refusal)
     asyncio.run(_serve(config, plugins))
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses; any other name or address is not."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_refusal(config: Config, plugins: Plugins) -> str | None:
+    """Why ``serve`` must not start open to a network, or None when it may start."""
+    server = config.settings.server
+    if is_loopback(server.host) or plugins.enabled("auth") or server.allow_unauthenticated:
+        return None
+    return (f"server.host {server.host!r} is reachable from other machines and the auth plugin "
+            "is disabled: every session would be open to anyone. Enable it "
+            "([plugins.auth] enabled = true, keys from `ballast keys create`), bind to "
+            "127.0.0.1, or set server.allow_unauthenticated = true to serve without "
+            "authentication on purpose.")
 
 
 # ------------------------------------------------------------------------------ plugins / config
@@ -129,6 +157,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ballast.keys_cli import add_keys_parser
     from ballast.logtools import add_logs_parser
 
     parser = argparse.ArgumentParser(prog="ballast", description="Ballast session service.")
@@ -154,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_config, config=None)
 
+    add_keys_parser(sub)
     add_logs_parser(sub)
     return parser
 

@@ -10,6 +10,7 @@ settings model once the plugins are known (see :mod:`ballast.plugin_manager`).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,10 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
+    #: Serve on a non-loopback address with the ``auth`` plugin disabled.
+    allow_unauthenticated: bool = False
+    #: A connection that has not sent a complete request head within this is closed.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
 
 
 class StorageSettings(_Section):
@@ -99,11 +104,25 @@ class Config:
         return _redact(data) if redact else data
 
 
+#: ``scheme://user:password@`` (or ``scheme://token@``): the credentials part of a URL.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """``http://user:pw@host/v1`` -> ``http://***@host/v1``; other text unchanged."""
+    return _URL_USERINFO.sub(r"\1***@", text) if "@" in text else text
+
+
 def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: _redact(v, k) for k, v in value.items()}
-    if key and any(m in key.lower() for m in SECRET_MARKERS) and not key.endswith("_env") and value:
+    if isinstance(value, list):
+        return [_redact(v, key) for v in value]
+    if key and any(m in key.lower() for m in SECRET_MARKERS) and value \
+            and not key.endswith(("_env", "_file")):
         return "***"
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 

@@ -4,7 +4,9 @@ structlog is set up with its fast production chain (contextvars, level, ISO UTC 
 orjson) unless ``[logging] format = "console"``. Every value passes a redaction step:
 keys that name secrets are masked, and the literal values of registered secrets (the
 API key) are scrubbed from any string, so a secret cannot reach a log line even inside
-an exception message.
+an exception message. Anything shaped like a credential is scrubbed too, whoever sent it:
+``Bearer <token>`` (an Authorization value quoted in an error) and Ballast API keys
+(``bk_...``, which a confused client might put in a URL).
 
 The canonical ``http.request`` line is written once per request on a fast path that
 builds the JSON object directly (same fields and format as structlog's chain): at the
@@ -15,6 +17,7 @@ handler itself.
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -26,6 +29,8 @@ import structlog
 
 _SECRET_KEYS = ("authorization", "api_key", "apikey", "secret", "password", "token", "cookie")
 _secrets: set[str] = set()
+#: Credentials recognised by their shape: a bearer token, a Ballast API key (``bk_``).
+_CREDENTIAL = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+|\bbk_[A-Za-z0-9_-]{8,}")
 _level_no = std_logging.INFO
 _json_fast_path = True
 
@@ -38,12 +43,18 @@ def register_secret(value: str | None) -> None:
         _secrets.add(value)
 
 
+def _scrub_credentials(text: str) -> str:
+    if "bk_" in text or "earer" in text or "EARER" in text:
+        return _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}***" if m.group(1) else "***", text)
+    return text
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         for s in _secrets:
             if s in value:
                 value = value.replace(s, "***")
-        return value
+        return _scrub_credentials(value)
     if isinstance(value, dict):
         return {k: ("***" if _is_secret_key(k) else _scrub(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -61,7 +72,7 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     for key, value in list(event_dict.items()):
         if _is_secret_key(key):
             event_dict[key] = "***"
-        elif isinstance(value, str | dict | list | tuple) and (_secrets or isinstance(value, dict)):
+        elif isinstance(value, str | dict | list | tuple):
             event_dict[key] = _scrub(value)
     return event_dict
 
@@ -117,6 +128,8 @@ def request_line(method: str, route: str, path: str, status: int, duration_ms: f
         line.update(extra)
     if _secrets:
         line = _scrub(line)
+    elif "bk_" in path:
+        line["path"] = _scrub_credentials(path)
     sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
     sys.stdout.buffer.flush()
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from ballast.errors import BallastError, ClientError, ValidationFailed
@@ -28,7 +29,7 @@ GENERIC: dict[int, tuple[str, str]] = {
     408: ("Request timeout", "The request took too long to arrive."),
     409: ("Conflict", "The request conflicts with the current state of the resource."),
     413: ("Payload too large", "The request body is larger than the server accepts."),
-    415: ("Unsupported media type", "Send the body as application/json."),
+    415: ("Unsupported media type", "Send the body as uncompressed application/json."),
     422: ("Validation failed", "The request body does not match the schema."),
     429: ("Too many requests", "Slow down and retry later."),
     500: ("Internal server error", "The server could not complete the request."),
@@ -92,6 +93,12 @@ async def read_json(request: web.Request) -> Any:
             and not ctype.endswith("+json"):
         raise ClientError(f"Content-Type must be application/json, not {ctype[:60]!r}.",
                           status=415, title="Unsupported media type")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The server never inflates request bodies (a few MB of gzip can inflate to
+        # gigabytes); the body is refused before a byte of it is read.
+        raise ClientError("Compressed request bodies are not accepted; send the JSON body "
+                          "without Content-Encoding.", status=415, title="Unsupported media type")
     limit = request.app.get(MAX_BODY)
     if limit is not None and request.content_length is not None and request.content_length > limit:
         # Refused on the declared length, before waiting for a body that will be refused.
@@ -104,6 +111,9 @@ async def read_json(request: web.Request) -> Any:
         # The client went away mid-body: its mistake (or its network's), not a server error.
         raise ClientError("The request body ended before it was complete.",
                           title="Incomplete body") from None
+    except (web.RequestPayloadError, HttpProcessingError):
+        # The body's framing is broken (a bad chunk, a length it does not keep).
+        raise ClientError("The request body could not be decoded.", title="Undecodable body") from None
     if not raw:
         raise ClientError("The request body is empty; send a JSON object.")
     try:
