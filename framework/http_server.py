@@ -20,6 +20,7 @@ middleware can reach, because they happen before a request exists:
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import orjson
@@ -89,10 +90,12 @@ class HeadTimeoutHandler(RequestHandler):
         # the client's raw bytes (which may hold an Authorization header), so it is
         # neither logged nor echoed.
         title, detail = generic(status)
+        rid = secrets.token_hex(16)
         body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-                "request_id": ""}
+                "request_id": rid}
         resp = web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
-                            headers={"Server": SERVER_NAME, "X-Content-Type-Options": "nosniff"})
+                            headers={"Server": SERVER_NAME, "X-Content-Type-Options": "nosniff",
+                                     "X-Request-ID": rid})
         resp.force_close()
         return resp
 

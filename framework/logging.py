@@ -126,10 +126,8 @@ def request_line(method: str, route: str, path: str, status: int, duration_ms: f
     }
     if extra:
         line.update(extra)
-    if _secrets:
+    if _secrets or "bk_" in path:
         line = _scrub(line)
-    elif "bk_" in path:
-        line["path"] = _scrub_credentials(path)
     sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
     sys.stdout.buffer.flush()
 
