@@ -92,7 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refusal = exposure_refusal(config, plugins)
     if refusal is not None:
         return _fail(refusal)
-    asyncio.run(_serve(config, plugins))
+    try:
+        asyncio.run(_serve(config, plugins))
+    except OSError as exc:  # the address is taken or not ours to bind
+        server = config.settings.server
+        return _fail(f"server: cannot listen on {server.host}:{server.port}: "
+                     f"{exc.strerror or type(exc).__name__}", 1)
     return 0
 
 

@@ -76,3 +76,36 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     result = run_cli("config", "check", str(bad))
     assert result.returncode == 2 and "TOML" in result.stderr
+
+
+def test_config_show_redacts_credentials_in_urls(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[inference]\nprovider = "openai"\nbase_url = "http://user:pa%40ss@127.0.0.1:9/v1"\n')
+    show = run_cli("config", "show", "--config", str(path))
+    assert show.returncode == 0, show.stderr
+    assert "pa%40ss" not in show.stdout and "user:" not in show.stdout
+    assert '"base_url": "http://***@127.0.0.1:9/v1"' in show.stdout
+    # Paths are not secrets although their key says "keys".
+    assert '"keys_file": "var/keys.toml"' in show.stdout
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://user:password@host/v1", "http://***@host/v1"),
+    ("https://token@host:8443/x?y=1", "https://***@host:8443/x?y=1"),
+    ("postgresql://app:s3cr@t@db.internal:5432/ballast", "postgresql://***@db.internal:5432/ballast"),
+    ("http://host/v1?email=a@b.c", "http://host/v1?email=a@b.c"),
+    ("http://host/v1", "http://host/v1"),
+    ("", ""),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    from ballast.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_server_security_settings_default_and_validate() -> None:
+    server = load_settings(environ={}).settings.server
+    assert server.allow_unauthenticated is False
+    assert server.header_timeout_s == 10.0
+    with pytest.raises(ConfigError, match=r"server\.header_timeout_s"):
+        load_settings(environ={"BALLAST__SERVER__HEADER_TIMEOUT_S": "0"})
