@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support import request
+from support import request, run_cli
 
 #: True when the heavy variants were asked for (``BALLAST_HEAVY=1``).
 HEAVY = os.environ.get("BALLAST_HEAVY", "") == "1"
@@ -71,6 +71,21 @@ def openai_config(base_url: str, *, timeout_ms: int = 800, finalize_ms: int = 60
     )
 
 
+def auth_on(workdir: Path, tenant: str = "reliability") -> tuple[str, dict[str, str]]:
+    """Config enabling the ``auth`` plugin with one new write key, and that key's header.
+
+    The key is made by the real ``ballast keys create``; the rate limit is set high so
+    that the suite's own load is not what it measures.
+    """
+    keys_file = workdir / "keys.toml"
+    result = run_cli("keys", "create", "--tenant", tenant, "--keys-file", str(keys_file), "--json")
+    assert result.returncode == 0, result.stderr
+    key = json.loads(result.stdout)["key"]
+    config = (f'[plugins.auth]\nenabled = true\nkeys_file = "{keys_file}"\n'
+              "rate_per_s = 100000.0\nburst = 100000\n")
+    return config, {"Authorization": f"Bearer {key}"}
+
+
 # ------------------------------------------------------------------------------ HTTP helpers
 
 
@@ -91,10 +106,13 @@ class Client:
 
     base_url: str
     seen: list[Exchange] = field(default_factory=list)
+    #: Sent with every call (an ``Authorization`` header when the server has auth on).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
              headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
-        status, hdrs, parsed = request(method, self.base_url + path, body, headers=headers, raw=raw,
+        status, hdrs, parsed = request(method, self.base_url + path, body,
+                                       headers={**self.headers, **(headers or {})}, raw=raw,
                                        timeout=timeout)
         self.seen.append(Exchange(method, path, status, hdrs, parsed))
         return status, hdrs, parsed

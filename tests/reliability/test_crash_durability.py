@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from reliability_support import HEAVY, Client, report, scale
+from reliability_support import HEAVY, Client, auth_on, report, scale
 from support import ServerProcess
 
 pytestmark = pytest.mark.reliability
@@ -67,8 +67,9 @@ class History:
 class Cluster:
     """The server under test, killed and restarted on the same files and port."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.server = ServerProcess(workdir)
+    def __init__(self, workdir: Path, *, auth: bool = False) -> None:
+        config, self.headers = auth_on(workdir) if auth else ("", {})
+        self.server = ServerProcess(workdir, config=config)
         self.up = asyncio.Event()
         self.kill_times: list[float] = []
         self.restart_s: list[float] = []
@@ -92,7 +93,7 @@ async def _client(n: int, cluster: Cluster, history: History, stop: asyncio.Even
     rng = random.Random(n)
     base = cluster.server.base_url
     timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    async with aiohttp.ClientSession(timeout=timeout, headers=cluster.headers) as http:
         i = 0
         while not stop.is_set():
             sid = rng.choice(SESSIONS)
@@ -146,7 +147,7 @@ async def _client(n: int, cluster: Cluster, history: History, stop: asyncio.Even
 async def _run(cluster: Cluster, history: History) -> None:
     rng = random.Random(20240917)
     await cluster.start()
-    client = Client(cluster.server.base_url)
+    client = Client(cluster.server.base_url, headers=cluster.headers)
     for sid in SESSIONS:
         status, _, body = await asyncio.to_thread(client.call, "POST", "/v1/sessions", {"session_id": sid})
         assert status == 201, body
@@ -174,12 +175,14 @@ async def _run(cluster: Cluster, history: History) -> None:
 
 
 @pytest.mark.timeout(scale(240, 900))
-def test_no_acknowledged_mutation_is_lost_across_kill_9(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path)
+@pytest.mark.parametrize("auth", [False, True], ids=["open", "auth"])
+def test_no_acknowledged_mutation_is_lost_across_kill_9(tmp_path: Path, auth: bool) -> None:
+    """``auth``: the same with the auth plugin on and every client sending a created key."""
+    cluster = Cluster(tmp_path, auth=auth)
     history = History()
     try:
         asyncio.run(_run(cluster, history))
-        client = Client(cluster.server.base_url)
+        client = Client(cluster.server.base_url, headers=cluster.headers)
         stored: dict[str, list[dict[str, Any]]] = {sid: client.all_mutations(sid) for sid in SESSIONS}
         views = {sid: client.session(sid) for sid in SESSIONS}
     finally:
@@ -205,7 +208,8 @@ def test_no_acknowledged_mutation_is_lost_across_kill_9(tmp_path: Path) -> None:
     indeterminate = set(history.sent) - set(history.acked)
     indeterminate_stored = len(indeterminate & set(where))
 
-    report(f"crash durability (set test): {KILLS} x SIGKILL, {CLIENTS} clients, {len(SESSIONS)} sessions", [
+    report(f"crash durability (set test{', auth on' if auth else ''}): {KILLS} x SIGKILL, "
+           f"{CLIENTS} clients, {len(SESSIONS)} sessions", [
         f"mutations sent={len(history.sent)} acknowledged={len(history.acked)} "
         f"stored={len(stored_ids)} never acknowledged={len(indeterminate)} "
         f"(of which stored: {indeterminate_stored})",

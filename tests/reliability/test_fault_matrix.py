@@ -27,6 +27,7 @@ from reliability_support import (
     SECRET_API_KEY,
     Client,
     assert_problem,
+    auth_on,
     leak_scan,
     openai_config,
     report,
@@ -85,28 +86,33 @@ class Rig:
     client: Client
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["open", "auth"])
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The server under test; ``auth``: the same with the auth plugin on and a created key."""
+    work = tmp_path_factory.mktemp(f"fault-matrix-{request.param}")
+    auth_config, headers = auth_on(work) if request.param == "auth" else ("", {})
     with FakeUpstreamProcess() as fake:
-        server = ServerProcess(tmp_path_factory.mktemp("fault-matrix"),
-                               config=openai_config(fake.base_url),
+        server = ServerProcess(work, config=openai_config(fake.base_url) + auth_config,
                                env={API_KEY_ENV: SECRET_API_KEY})
         with server:
-            yield Rig(fake, server, Client(server.base_url))
+            yield Rig(fake, server, Client(server.base_url, headers=headers))
         # After the server stopped: the whole log, every line it ever wrote.
         logs = server.raw_logs()
         assert SECRET_API_KEY not in logs, "the API key reached the server's logs"
+        for value in headers.values():
+            assert value.split()[-1] not in logs, "a Ballast API key reached the server's logs"
     if ROWS:
-        _report_rows()
+        _report_rows(request.param)
+        ROWS.clear()
 
 
-def _report_rows() -> None:
+def _report_rows(variant: str) -> None:
     lines = [f"{'fault':<18} {'resolve':>7} {'att':>3} {'s':>5}   {'finalize':<9} {'att':>3} {'s':>5}"]
     for r in ROWS:
         lines.append(f"{r.fault.step:<18} {r.resolve_status:>7} {r.resolve_attempts:>3} "
                      f"{r.resolve_s:>5.2f}   {r.job_state:<9} {r.finalize_attempts:>3} {r.finalize_s:>5.2f}")
-    report("fault matrix: resolve status, finalize job state, attempts at the fake per logical call",
-           lines)
+    report(f"fault matrix ({variant}): resolve status, finalize job state, attempts at the fake "
+           "per logical call", lines)
 
 
 def _new_session(client: Client, sid: str) -> None:
@@ -253,9 +259,9 @@ def test_upstream_failures_are_logged_with_their_attempts(rig: Rig) -> None:
 
 
 
-async def _retry_until_second_attempt(base: str, sid: str) -> dict[str, Any]:
+async def _retry_until_second_attempt(base: str, sid: str, headers: dict[str, str]) -> dict[str, Any]:
     """POST finalize as fast as possible until attempt 2 has started; then read the job."""
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=headers) as http:
         for _ in range(2000):
             async with http.post(f"{base}/v1/sessions/{sid}/finalize") as resp:
                 job: dict[str, Any] = (await resp.json())["job"]
@@ -289,7 +295,7 @@ def test_an_immediate_retry_after_a_failed_job_is_followed_live(rig: Rig) -> Non
         _new_session(client, sid)
         fake.reset()
         fake.script("500", "hang:3")  # attempt 1 fails at once, attempt 2 hangs a while
-        job = asyncio.run(_retry_until_second_attempt(client.base_url, sid))
+        job = asyncio.run(_retry_until_second_attempt(client.base_url, sid, client.headers))
         stages = {s["name"]: s["state"] for s in job["stages"]}
         assert (job["attempt"], job["state"], stages["report"]) == (2, "running", "running"), job
         job = client.poll_job(sid, within=20)
