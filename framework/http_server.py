@@ -33,6 +33,9 @@ from ballast.problems import PROBLEM_CONTENT_TYPE, generic
 
 #: The ``Server`` header on every response: a name, no versions.
 SERVER_NAME = "ballast"
+#: An idle keep-alive connection (no bytes since its last response) is closed after this.
+#: aiohttp's handler default is an hour; 75 s is what ``web.run_app`` and nginx use.
+KEEPALIVE_TIMEOUT_S = 75.0
 
 
 class HeadTimeoutHandler(RequestHandler):
@@ -116,6 +119,7 @@ class BallastAppRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
         kwargs.setdefault("auto_decompress", False)
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
 
@@ -126,4 +130,4 @@ class BallastAppRunner(web.AppRunner):
         return server
 
 
-__all__ = ["SERVER_NAME", "BallastAppRunner", "BallastServer", "HeadTimeoutHandler"]
+__all__ = ["KEEPALIVE_TIMEOUT_S", "SERVER_NAME", "BallastAppRunner", "BallastServer", "HeadTimeoutHandler"]

@@ -320,9 +320,8 @@ def test_parser_level_rejections_are_client_errors_without_internals(rig: Rig) -
     """Requests that aiohttp's HTTP parser refuses never reach the app, but stay 4xx.
 
     A request line over 8190 bytes, a header block too large, or something that is not
-    HTTP at all is answered by aiohttp itself (plain text, no request id): the app's
-    middlewares never see it. The answer is still a 4xx that echoes only the client's
-    own bytes, and the connection is closed. See the xfail test below for the gap.
+    HTTP at all is answered by the connection layer (``ballast.http_server``) before any
+    middleware runs: a 4xx problem that echoes nothing, and the connection is closed.
     """
     before = _state(rig.client)
     probes = [
@@ -336,17 +335,16 @@ def test_parser_level_rejections_are_client_errors_without_internals(rig: Rig) -
         status, _, body = _raw_http(rig.server.port, probe)
         statuses.append(status)
         assert 400 <= status < 500, (probe[:40], status, body)
+        assert isinstance(body, dict) and body["status"] == status, (probe[:40], body)
+        assert b"a" * 100 not in json.dumps(body).encode() and "GARBAGE" not in json.dumps(body)
         text = body if isinstance(body, str) else json.dumps(body)
         for marker in ("Traceback", "/work/", "/home/", "site-packages", ".py"):
             assert marker not in text, (probe[:40], text)
     assert _state(rig.client) == before
-    report("bad input: parser-level probes (answered by aiohttp, not the app)",
-           [f"statuses={statuses} (plain text, no request id; see the xfail test)"])
+    report("bad input: parser-level probes (answered by the connection layer, not the app)",
+           [f"statuses={statuses} (problem+json with a request id, nothing echoed)"])
 
 
-@pytest.mark.xfail(strict=True, reason="aiohttp's HTTP parser answers malformed requests itself "
-                   "(text/plain, no request id) before any middleware runs; making these problems "
-                   "needs a custom RequestHandler.handle_error, outside the app")
 def test_parser_level_rejections_are_problems(rig: Rig) -> None:
     status, headers, body = _raw_http(rig.server.port, b"GARBAGE\r\n\r\n")
     assert_problem(status, headers, body)
