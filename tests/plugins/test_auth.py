@@ -348,3 +348,62 @@ def test_bearer_key_parsing() -> None:
     for bad in (None, "", "Bearer", "Bearer ", "Basic bk_abc", "Bearer a b", "Bearer bk_\u00e9",
                 "Bearer " + "a" * 5000, "Bearer bk_\x01"):
         assert bearer_key(bad) is None, bad
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+class _Counts:
+    """A minimal exporter: what ballast_auth_denied_total was told."""
+
+    def __init__(self) -> None:
+        self.denied: dict[tuple[str, ...], float] = {}
+
+    def inc(self, spec: Any, labels: tuple[str, ...], amount: float) -> None:
+        if spec.name == "ballast_auth_denied_total":
+            self.denied[labels] = self.denied.get(labels, 0) + amount
+
+    def observe(self, spec: Any, labels: tuple[str, ...], value: float) -> None:
+        pass
+
+    def set(self, spec: Any, labels: tuple[str, ...], value: float) -> None:
+        pass
+
+    def sample(self, spec: Any, labels: tuple[str, ...], read: Any) -> None:
+        pass
+
+
+async def test_refusals_are_counted_by_reason_and_the_tenant_is_set(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    from aiohttp import web
+
+    from ballast.app import build_app
+    from ballast.config import load_settings
+    from ballast.keys import TELEMETRY, tenant_of
+
+    keys_file = tmp_path / "keys.toml"
+    writer, reader = create_key(keys_file, "acme"), create_key(keys_file, "acme", "read")
+    config = load_settings(environ={
+        "BALLAST__STORAGE__PATH": str(tmp_path / "b.db"), "BALLAST__STORAGE__DURABILITY": "normal",
+        "BALLAST__PLUGINS__AUTH__ENABLED": "true", "BALLAST__PLUGINS__AUTH__KEYS_FILE": str(keys_file),
+        "BALLAST__PLUGINS__AUTH__BURST": "3", "BALLAST__PLUGINS__AUTH__RATE_PER_S": "0.01"})
+    app = build_app(config)
+    counts = _Counts()
+    app[TELEMETRY].attach(counts)
+    seen: list[str] = []
+
+    async def whoami(request: web.Request) -> web.Response:
+        seen.append(tenant_of(request))
+        return web.json_response({})
+
+    app.router.add_get("/v1/whoami", whoami)
+    client = await aiohttp_client(app)
+    assert (await client.get("/v1/whoami")).status == 401
+    assert (await client.get("/v1/whoami", headers={"Authorization": "Basic x"})).status == 401
+    assert (await client.get("/v1/whoami", headers={"Authorization": "Bearer bk_nope"})).status == 401
+    assert (await client.post("/v1/sessions", json={}, headers=reader.auth)).status == 403
+    statuses = [(await client.get("/v1/whoami", headers=writer.auth)).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert seen == ["acme"] * 3
+    assert counts.denied == {("missing",): 1, ("malformed",): 1, ("unknown",): 1, ("scope",): 1,
+                             ("rate_limited",): 1}
