@@ -127,9 +127,11 @@ def authenticator(table: KeyTable, buckets: TokenBuckets, telemetry: Telemetry, 
             headers={"WWW-Authenticate": challenge}))
 
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        admin_only = protect_metrics and path == "/metrics"
-        if not (admin_only or path == "/v1" or path.startswith("/v1/")):
+        path, route = request.path, _route(request)
+        admin_only = protect_metrics and (path == "/metrics" or route == "/metrics")
+        # The matched route is checked too: whatever spelling of a path the router
+        # resolves to a /v1 resource is protected like the plain one.
+        if not (admin_only or path == "/v1" or path.startswith("/v1/") or route.startswith("/v1/")):
             return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:

@@ -407,3 +407,22 @@ async def test_refusals_are_counted_by_reason_and_the_tenant_is_set(
     assert seen == ["acme"] * 3
     assert counts.denied == {("missing",): 1, ("malformed",): 1, ("unknown",): 1, ("scope",): 1,
                              ("rate_limited",): 1}
+
+
+@pytest.mark.parametrize("path", ["/v1/sessions/../sessions/own-1", "/%761/sessions/own-1",
+                                  "//v1/sessions/own-1", "/v1//sessions/own-1", "/v1/sessions/own-1/",
+                                  "/V1/sessions/own-1",
+                                  "/v1/sessions/own-1?x=/healthz", "/healthz/../v1/sessions/own-1",
+                                  "/v1/sessions/own%2D1", "/v1%2Fsessions%2Fown-1"])
+def test_other_spellings_of_a_v1_path_are_not_a_way_around(rig: Rig, path: str) -> None:
+    status, _, body = rig.call("POST", "/v1/sessions", rig.a_write, {"session_id": "own-1"})
+    assert status in (201, 409), body
+    raw = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", rig.server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    assert status in (401, 404), (path, data[:300])
+    assert b'"session_id"' not in data, path
