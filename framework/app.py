@@ -80,8 +80,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = resp.status
         if not resp.prepared:
             resp.headers["X-Request-ID"] = rid
-            if status >= 400 and request.body_exists and not request.content.is_eof():
-                # Refused before its body was read: close rather than drain the rest.
+            if status in (413, 415) and request.body_exists and not request.content.is_eof():
+                # A body refused for its size or encoding is not drained: close instead.
+                # (Other refusals let aiohttp read out the rest briefly, so a client
+                # still sending gets to read its answer.)
                 resp.force_close()
         return resp
     finally:
