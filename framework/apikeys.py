@@ -16,6 +16,8 @@ Not to be confused with :mod:`ballast.keys`, which holds the typed application k
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -25,7 +27,7 @@ import secrets
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,32 +158,50 @@ def write_keys(path: Path, records: list[KeyRecord]) -> None:
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the keys file between concurrent ``keys`` commands.
+
+    The lock is a sidecar file (``<keys file>.lock``): the keys file itself is replaced
+    on every write, so a lock on it would not be held on the new one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def create_key(path: Path, tenant: str, scope: Scope = "write") -> tuple[KeyRecord, str]:
     """Add a new key to the file; returns its record and the key (shown once)."""
     if not _TENANT.match(tenant):
         raise ConfigError(f"--tenant: must match {TENANT_PATTERN}")
     if scope not in SCOPES:
         raise ConfigError(f"--scope: must be one of {', '.join(SCOPES)}")
-    records = read_keys(path)
-    taken = {r.id for r in records}
-    kid = "k_" + secrets.token_hex(6)
-    while kid in taken:
+    with _editing(path):
+        records = read_keys(path)
+        taken = {r.id for r in records}
         kid = "k_" + secrets.token_hex(6)
-    key = new_key()
-    record = KeyRecord(kid, digest(key), tenant, scope, _now_iso())
-    write_keys(path, [*records, record])
+        while kid in taken:
+            kid = "k_" + secrets.token_hex(6)
+        key = new_key()
+        record = KeyRecord(kid, digest(key), tenant, scope, _now_iso())
+        write_keys(path, [*records, record])
     return record, key
 
 
 def revoke_key(path: Path, key_id: str) -> KeyRecord:
     """Mark a key revoked (kept in the file, so ``keys list`` still shows it)."""
-    records = read_keys(path)
-    for i, r in enumerate(records):
-        if r.id == key_id:
-            if r.revoked is None:
-                records[i] = replace(r, revoked=_now_iso())
-                write_keys(path, records)
-            return records[i]
+    with _editing(path):
+        records = read_keys(path)
+        for i, r in enumerate(records):
+            if r.id == key_id:
+                if r.revoked is None:
+                    records[i] = replace(r, revoked=_now_iso())
+                    write_keys(path, records)
+                return records[i]
     raise KeyError(key_id)
 
 

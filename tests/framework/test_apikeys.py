@@ -37,13 +37,32 @@ def test_create_read_revoke_round_trip(tmp_path: Path) -> None:
         revoke_key(path, "k_missing")
 
 
+def test_concurrent_edits_lose_no_key(tmp_path: Path) -> None:
+    """Several `keys create` at once (threads here, processes in the CLI test) keep all."""
+    import threading
+
+    path = tmp_path / "keys.toml"
+    made: list[str] = []
+
+    def create() -> None:
+        for _ in range(5):
+            made.append(create_key(path, "acme")[0].id)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.id for r in read_keys(path)) == sorted(made) and len(made) == 30
+
+
 def test_write_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     record, _ = create_key(path, "acme")
     inode = os.stat(path).st_ino
     write_keys(path, [record])
     assert os.stat(path).st_ino != inode, "written in place instead of renamed over"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.toml", "keys.toml.lock"]
 
 
 @pytest.mark.parametrize(("text", "where"), [

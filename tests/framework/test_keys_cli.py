@@ -27,7 +27,8 @@ def test_create_prints_the_key_once_and_stores_its_hash(tmp_path: Path) -> None:
     text = keys_file.read_text()
     assert key not in text and key[3:] not in text
     assert keys_file.stat().st_mode & 0o777 == 0o600
-    assert not [p for p in keys_file.parent.iterdir() if p.name != "keys.toml"], "temporary file left"
+    left = [p.name for p in keys_file.parent.iterdir() if p.name not in ("keys.toml", "keys.toml.lock")]
+    assert not left, f"temporary file left: {left}"
 
 
 def test_list_and_revoke(tmp_path: Path) -> None:
