@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ballast.logtools import summarize_file
+    from ballast.logs import summarize_file
 
     if args.keep:
         path = args.keep
