@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import orjson
 
 from ballast.logs.assemble import assemble_report
+from ballast.logs.protections import Handler, Protections
 from ballast.logs.reading import LineCounter, Readable, open_log, read_batches
 from ballast.logs.report import (
     MAX_ROUTES,
@@ -31,6 +31,7 @@ from ballast.logs.report import (
     _status_class,
 )
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS, LatencySketch
+from ballast.logs.timeline import INDEX, Timeline
 from ballast.logs.times import FAR_FUTURE, FAR_PAST
 
 # Kinds of event the hot loop tells apart (an int compare beats a string compare).
@@ -43,7 +44,7 @@ class _EventSlot:
     __slots__ = ("count", "event", "handler", "kind", "level")
 
     def __init__(
-        self, event: str, level: str, kind: int, handler: Callable[[dict[str, Any]], None] | None
+        self, event: str, level: str, kind: int, handler: Handler | None
     ) -> None:
         self.event = event
         self.level = level
@@ -91,9 +92,17 @@ class LogSummary:
     expected JSON type, so a malformed value is re-examined each time it appears.
     """
 
-    def __init__(self, *, since: datetime | None = None, until: datetime | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        interval_s: int | None = None,
+    ) -> None:
         self.since = since
         self.until = until
+        self.timeline = Timeline(interval_s)
+        self.protections = Protections(self.timeline)
         self.blank = 0
         self.read = 0
         self.filtered_out = 0
@@ -127,7 +136,7 @@ class LogSummary:
         self.mutation_failures: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.bulkhead_rejected = 0
-        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        self._handlers: dict[str, Handler] = {
             "upstream.retry": self._on_retry,
             "upstream.failed": self._on_upstream_failed,
             "error.unhandled": self._on_unhandled,
@@ -137,6 +146,7 @@ class LogSummary:
             "finalize.completed": self._on_completed,
             "finalize.failed": self._on_finalize_failed,
             "bulkhead.rejected": self._on_bulkhead,
+            **self.protections.handlers(),
         }
 
     def _slot_for(self, key: tuple[object, object]) -> _EventSlot | None:
@@ -209,6 +219,8 @@ class LogSummary:
         ceil = math.ceil
         inv_log_gamma = _INV_LOG_GAMMA
         min_ms = _MIN_MS
+        floor = math.floor
+        add_request = self.timeline.add_request
         since = self.since if self.since is not None else FAR_PAST
         until = self.until if self.until is not None else FAR_FUTURE
         filtering = self.since is not None or self.until is not None
@@ -237,6 +249,7 @@ class LogSummary:
                     continue
                 slot = found
             ts = obj.get("timestamp")
+            when = None
             if type(ts) is str:
                 try:
                     when = fromiso(ts)
@@ -266,6 +279,8 @@ class LogSummary:
                 except (KeyError, TypeError):
                     request = request_slot_for(rkey)
                 request.count += 1
+                if when is not None:
+                    add_request(floor(when.timestamp()), rkey[2])
                 duration = obj.get("duration_ms")
                 if (type(duration) is float or type(duration) is int) and 0 <= duration < 1e15:
                     sketch = request.sketch
@@ -280,7 +295,7 @@ class LogSummary:
             elif kind == _HANDLED:
                 handler = slot.handler
                 if handler is not None:
-                    handler(obj)
+                    handler(obj, None if when is None else floor(when.timestamp()))
         self.first = first
         self.last = last
         self.read += len(batch)
@@ -300,7 +315,9 @@ class LogSummary:
 
     # -- handlers of the rarer events: each gets a dict whose fields may have any type.
 
-    def _on_retry(self, obj: dict[str, Any]) -> None:
+    def _on_retry(self, obj: dict[str, Any], second: int | None) -> None:
+        if second is not None:
+            self.timeline.add(second, INDEX["upstream.retry"])
         status = obj.get("status")
         if type(status) is int:
             key = str(status)
@@ -310,15 +327,17 @@ class LogSummary:
         _bump(self.retries, key)
         _bump(self.upstream_retries, _key(obj.get("name")))
 
-    def _on_upstream_failed(self, obj: dict[str, Any]) -> None:
+    def _on_upstream_failed(self, obj: dict[str, Any], second: int | None) -> None:
+        if second is not None:
+            self.timeline.add(second, INDEX["upstream.failed"])
         _bump(self.failed, _key(obj.get("kind")))
         _bump(self.upstream_failed, _key(obj.get("name")))
         self._error_type(obj)
 
-    def _on_unhandled(self, obj: dict[str, Any]) -> None:
+    def _on_unhandled(self, obj: dict[str, Any], second: int | None) -> None:
         self._error_type(obj)
 
-    def _on_mutation_failed(self, obj: dict[str, Any]) -> None:
+    def _on_mutation_failed(self, obj: dict[str, Any], second: int | None) -> None:
         _bump(self.mutation_failures, _key(obj.get("session_id")))
         self._error_type(obj)
 
@@ -327,7 +346,7 @@ class LogSummary:
         if type(error_type) is str and error_type:
             _bump(self.errors, error_type)
 
-    def _on_stage(self, obj: dict[str, Any]) -> None:
+    def _on_stage(self, obj: dict[str, Any], second: int | None) -> None:
         stage = _key(obj.get("stage"))
         stats = self.stages.get(stage)
         if stats is None:
@@ -339,16 +358,20 @@ class LogSummary:
         if duration is not None:
             stats.sketch.add(duration)
 
-    def _on_timed_out(self, obj: dict[str, Any]) -> None:
+    def _on_timed_out(self, obj: dict[str, Any], second: int | None) -> None:
         _bump(self.timed_out_stage, _key(obj.get("stage")))
 
-    def _on_completed(self, obj: dict[str, Any]) -> None:
-        _bump(self.outcomes, _key(obj.get("state")))
+    def _on_completed(self, obj: dict[str, Any], second: int | None) -> None:
+        state = _key(obj.get("state"))
+        _bump(self.outcomes, state)
+        series = INDEX.get("finalize." + state)
+        if series is not None and second is not None:
+            self.timeline.add(second, series)
 
-    def _on_finalize_failed(self, obj: dict[str, Any]) -> None:
+    def _on_finalize_failed(self, obj: dict[str, Any], second: int | None) -> None:
         _bump(self.failed_stage, _key(obj.get("stage")))
 
-    def _on_bulkhead(self, obj: dict[str, Any]) -> None:
+    def _on_bulkhead(self, obj: dict[str, Any], second: int | None) -> None:
         self.bulkhead_rejected += 1
 
     # -- the report
@@ -365,9 +388,10 @@ def summarize_file(
     since: datetime | None = None,
     until: datetime | None = None,
     stdin: BinaryIO | None = None,
+    interval_s: int | None = None,
 ) -> SummaryReport:
     """Summarise the log at ``path`` (``None``/``"-"``: stdin). Raises :class:`LogInputError`."""
-    summary = LogSummary(since=since, until=until)
+    summary = LogSummary(since=since, until=until, interval_s=interval_s)
     with open_log(path, stdin=stdin) as source:
         summary.source = source.name
         summary.gzip = source.gzip

@@ -134,4 +134,6 @@ def assemble_report(summary: LogSummary) -> SummaryReport:
         "mutation_failures": _by_count(summary.mutation_failures),
         "errors": _by_count(summary.errors),
         "bulkhead": {"rejected": summary.bulkhead_rejected},
+        "protections": summary.protections.report(),
+        "series": summary.timeline.report(),
     }

@@ -17,14 +17,24 @@ import orjson
 
 from ballast.logs.aggregate import summarize_file
 from ballast.logs.page import render_html
+from ballast.logs.query import EngineMissing, QueryError, format_json, format_table, run_query, write_csv
 from ballast.logs.reading import LogInputError
+from ballast.logs.tail import follow
 from ballast.logs.text import format_summary_text
+from ballast.logs.timeline import parse_interval
 from ballast.logs.times import parse_time_arg
 from ballast.logs.trace import format_trace_text, trace_document, trace_file
 
 
 def _time_arg(text: str) -> datetime:
     return parse_time_arg(text)
+
+
+def _interval_arg(text: str) -> int:
+    try:
+        return parse_interval(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +53,10 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     summarize.add_argument("--until", type=_time_arg, metavar="TIME", help="same forms as --since; exclusive")
     summarize.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML report")
     summarize.add_argument("--top", type=int, default=10, metavar="N", help="rows per table (default 10)")
+    summarize.add_argument(
+        "--interval", type=_interval_arg, metavar="SPAN",
+        help="bucket width of the time series (30s, 5m, 1h); default: chosen from the log's span",
+    )
 
     trace = commands.add_parser(
         "trace",
@@ -52,18 +66,40 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     which = trace.add_mutually_exclusive_group(required=True)
     which.add_argument("--request-id", metavar="ID", help="the request id (X-Request-ID)")
     which.add_argument("--session", metavar="ID", help="the session id")
+    which.add_argument("--trace-id", metavar="ID", help="the trace id (W3C, from the tracing plugin)")
     trace.add_argument("file", nargs="?", default="-", metavar="FILE", help="log file, - for stdin")
     trace.add_argument("--json", action="store_true", help="print one JSON document")
 
+    query = commands.add_parser(
+        "query",
+        help="run SQL over a log (table logs; needs DuckDB: pip install 'ballast[logs]')",
+        description="Run SQL over the log as table logs: the catalogue's fields as columns, "
+        "the whole line as JSON in column line.",
+    )
+    query.add_argument("sql", metavar="SQL", help="e.g. \"SELECT event, count(*) FROM logs GROUP BY 1\"")
+    query.add_argument("file", nargs="?", default="-", metavar="FILE", help="log file, - for stdin")
+    form = query.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print a JSON array of row objects")
+    form.add_argument("--csv", action="store_true", help="print CSV with a header row")
+
+    tail = commands.add_parser(
+        "tail",
+        help="follow a growing log, one compact line per second",
+        description="Follow a log as it grows and print rates, errors and retries every second.",
+    )
+    tail.add_argument("file", nargs="?", default="-", metavar="FILE", help="log file, - for stdin")
+    tail.add_argument("--from-start", action="store_true", help="count what the file already holds first")
+    tail.add_argument("--every", type=float, default=1.0, metavar="S", help="seconds per line (default 1)")
+
 
 def add_logs_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``logs`` (with ``summarize`` and ``trace``) to a CLI's sub-parsers.
+    """Add ``logs`` (``summarize``, ``trace``, ``query``, ``tail``) to a CLI's sub-parsers.
 
     The parsed namespace carries ``func=run_logs``; call ``run_logs(args)`` for the exit code.
     """
     parser = subparsers.add_parser(
         "logs",
-        help="summarise or trace JSON log files",
+        help="summarise, trace, query or follow JSON log files",
         description="Analyse Ballast's JSON log lines.",
     )
     _add_subcommands(parser)
@@ -80,7 +116,7 @@ def _run_summarize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.since is not None and args.until is not None and args.since >= args.until:
         err.write("ballast logs summarize: --since must be before --until\n")
         return 2
-    report = summarize_file(args.file, since=args.since, until=args.until)
+    report = summarize_file(args.file, since=args.since, until=args.until, interval_s=args.interval)
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as fh:
@@ -99,7 +135,9 @@ def _run_summarize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    result = trace_file(args.file, request_id=args.request_id, session_id=args.session)
+    result = trace_file(
+        args.file, request_id=args.request_id, session_id=args.session, trace_id=args.trace_id
+    )
     if args.json:
         _write(out, orjson.dumps(trace_document(result), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -108,6 +146,24 @@ def _run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"ballast logs trace: {result.error}\n")
         return 1
     return 0 if result.entries else 1
+
+
+def _run_query(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        result = run_query(args.sql, args.file)
+    except EngineMissing as exc:
+        err.write(f"ballast logs query: {exc}\n")
+        return 1
+    except QueryError as exc:
+        err.write(f"ballast logs query: {exc}\n")
+        return 2
+    if args.json:
+        _write(out, format_json(result))
+    elif args.csv:
+        write_csv(out, result.names, result.rows)
+    else:
+        _write(out, format_table(result.names, result.rows))
+    return 0
 
 
 def run_logs(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -119,6 +175,13 @@ def run_logs(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: 
             return _run_summarize(args, out, err)
         if args.logs_command == "trace":
             return _run_trace(args, out, err)
+        if args.logs_command == "query":
+            return _run_query(args, out, err)
+        if args.logs_command == "tail":
+            if args.every <= 0:
+                err.write("ballast logs tail: --every must be positive\n")
+                return 2
+            return follow(args.file, out, from_start=args.from_start, every_s=args.every)
     except LogInputError as exc:
         err.write(f"ballast logs {args.logs_command}: {exc}\n")
         return 1
@@ -139,7 +202,7 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ballast.logs summarize|trace ...``: the same as ``ballast logs``."""
+    """``python -m ballast.logs summarize|trace|query|tail ...``: the same as ``ballast logs``."""
     parser = argparse.ArgumentParser(prog="ballast logs", description="Analyse Ballast's JSON log lines.")
     _add_subcommands(parser)
     return run_logs(parser.parse_args(argv))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 
+from ballast.logs.charts import CHART_STYLE, protections_html, timeline_html
 from ballast.logs.report import STATUS_CLASSES, HistogramBin, SummaryReport
 from ballast.logs.text import _bin_label, _fmt_ms
 from ballast.logs.times import format_span
@@ -66,7 +67,7 @@ def render_html(report: SummaryReport) -> str:
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<title>Ballast log summary: {_esc(report['input']['source'])}</title>",
-        f"<style>{_HTML_STYLE}</style></head><body>",
+        f"<style>{_HTML_STYLE}{CHART_STYLE}</style></head><body>",
         f"<h1>Ballast log summary: {_esc(report['input']['source'])}</h1>",
         f"<p class=meta>{_esc(window['first'] or '-')} .. {_esc(window['last'] or '-')}"
         f" (span {_esc(format_span(window['span_s']))})</p>",
@@ -128,5 +129,7 @@ def render_html(report: SummaryReport) -> str:
         f"<h3>Bulkhead</h3><table><tr><td>rejected</td>"
         f"<td>{report['bulkhead']['rejected']:,}</td></tr></table>"
     )
+    parts.append(protections_html(report["protections"]))
+    parts.append(timeline_html(report["series"]))
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -9,7 +9,11 @@ keys beyond a table's cap, counters ordered by count, then key.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from ballast.logs.protections import ProtectionsReport
+    from ballast.logs.timeline import SeriesReport
 
 MAX_KEYS = 10_000
 MAX_ROUTES = 256
@@ -124,6 +128,8 @@ class SummaryReport(TypedDict):
     mutation_failures: dict[str, int]
     errors: dict[str, int]
     bulkhead: BulkheadReport
+    protections: ProtectionsReport
+    series: SeriesReport
 
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from ballast.logs.charts import protections_lines, timeline_lines
 from ballast.logs.report import STATUS_CLASSES, HistogramBin, SummaryReport
 from ballast.logs.times import format_span
 
@@ -135,4 +136,8 @@ def format_summary_text(report: SummaryReport, *, top: int = 10) -> str:
     out += _counter_lines("Mutation failures by session", report["mutation_failures"], top)
     out += _counter_lines("Top error types", report["errors"], top)
     out.append(f"Bulkhead rejections: {report['bulkhead']['rejected']:,}")
+    out.append("")
+    out += protections_lines(report["protections"])
+    out.append("")
+    out += timeline_lines(report["series"])
     return "\n".join(out) + "\n"

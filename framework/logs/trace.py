@@ -43,6 +43,7 @@ class TraceResult:
     request_ids: list[str]
     entries: list[TraceEntry] = field(default_factory=list)
     error: str | None = None  # why the input ended early, if it did
+    trace_id: str | None = None  # set instead of session_id for a --trace-id trace
 
     def records(self) -> list[dict[str, Any]]:
         return [entry.record for entry in self.entries]
@@ -175,33 +176,41 @@ def _trace_request(stream: Readable, request_id: str) -> TraceResult:
     return result
 
 
-def _session_request_ids(stream: Readable, session_id: str, result: TraceResult) -> list[str]:
+def _session_request_ids(
+    stream: Readable, session_id: str, result: TraceResult, key: str = "session_id"
+) -> list[str]:
     found: dict[str, None] = {}
     for _, obj in _records(stream, _select_containing(_id_needle(session_id)), result):
-        if obj.get("session_id") == session_id:
+        if obj.get(key) == session_id:
             rid = obj.get("request_id")
             if type(rid) is str:
                 found[rid] = None
     return list(found)
 
 
-def _trace_session_two_pass(path: str, session_id: str) -> TraceResult:
-    result = TraceResult(None, session_id, [])
+def _empty_result(value: str, key: str) -> TraceResult:
+    if key == "trace_id":
+        return TraceResult(None, None, [], trace_id=value)
+    return TraceResult(None, value, [])
+
+
+def _trace_session_two_pass(path: str, session_id: str, key: str = "session_id") -> TraceResult:
+    result = _empty_result(session_id, key)
     with open_log(path) as source:
-        result.request_ids = _session_request_ids(source.stream, session_id, result)
+        result.request_ids = _session_request_ids(source.stream, session_id, result, key)
     wanted = set(result.request_ids)
     collector = _Collector()
     with open_log(path) as source:
         for seq, obj in _records(source.stream, _session_selector(session_id, wanted), result):
             rid = obj.get("request_id")
-            if obj.get("session_id") == session_id or (type(rid) is str and rid in wanted):
+            if obj.get(key) == session_id or (type(rid) is str and rid in wanted):
                 result.entries.append(collector.entry(seq, obj))
     return result
 
 
-def _trace_session_streaming(stream: Readable, session_id: str) -> TraceResult:
+def _trace_session_streaming(stream: Readable, session_id: str, key: str = "session_id") -> TraceResult:
     """One pass: hold in-flight requests' lines until they are known to matter or not."""
-    result = TraceResult(None, session_id, [])
+    result = _empty_result(session_id, key)
     collector = _Collector()
     matched: dict[str, None] = {}
     pending: OrderedDict[str, list[TraceEntry]] = OrderedDict()
@@ -210,7 +219,7 @@ def _trace_session_streaming(stream: Readable, session_id: str) -> TraceResult:
         rid = obj.get("request_id")
         if type(rid) is not str:
             rid = None
-        if obj.get("session_id") == session_id:
+        if obj.get(key) == session_id:
             result.entries.append(collector.entry(seq, obj))
             if rid is not None and rid not in matched:
                 matched[rid] = None
@@ -241,25 +250,30 @@ def trace_file(
     *,
     request_id: str | None = None,
     session_id: str | None = None,
+    trace_id: str | None = None,
     stdin: BinaryIO | None = None,
 ) -> TraceResult:
-    """Every line of one request or one session, sorted by timestamp (ties: file order).
+    """Every line of one request, one session or one trace, sorted by timestamp (ties: file order).
 
     A session's trace also holds every line of each request that logged that session
-    id. Exactly one of ``request_id`` and ``session_id`` must be given.
+    id; a ``trace_id`` trace (the tracing plugin's W3C trace id) likewise holds every
+    line of each request that logged that trace id, so lines written outside the span
+    (the canonical ``http.request`` line) are not missed. Exactly one of
+    ``request_id``, ``session_id`` and ``trace_id`` must be given.
     """
-    if (request_id is None) == (session_id is None):
-        raise ValueError("give exactly one of request_id and session_id")
+    if sum(x is not None for x in (request_id, session_id, trace_id)) != 1:
+        raise ValueError("give exactly one of request_id, session_id and trace_id")
     if request_id is not None:
         with open_log(path, stdin=stdin) as source:
             result = _trace_request(source.stream, request_id)
     else:
-        assert session_id is not None
+        key, value = ("session_id", session_id) if session_id is not None else ("trace_id", trace_id)
+        assert value is not None
         if path is not None and path != "-" and os.path.isfile(path):
-            result = _trace_session_two_pass(path, session_id)
+            result = _trace_session_two_pass(path, value, key)
         else:
             with open_log(path, stdin=stdin) as source:
-                result = _trace_session_streaming(source.stream, session_id)
+                result = _trace_session_streaming(source.stream, value, key)
     result.entries.sort(key=lambda entry: entry.sort_key)
     return result
 
@@ -322,11 +336,11 @@ def format_trace_text(result: TraceResult) -> str:
     """One readable line per log line, then a one-line summary."""
     out = [format_trace_line(entry.record) for entry in result.entries]
     summary = _trace_summary(result)
-    what = (
-        f"request {result.request_id}"
-        if result.request_id is not None
-        else f"session {result.session_id} ({_plural(len(result.request_ids), 'request')})"
-    )
+    if result.request_id is not None:
+        what = f"request {result.request_id}"
+    else:
+        whose = f"trace {result.trace_id}" if result.trace_id is not None else f"session {result.session_id}"
+        what = f"{whose} ({_plural(len(result.request_ids), 'request')})"
     out.append(
         f"-- {what}: {_plural(summary['lines'], 'line')}, "
         f"{summary['first'] or '-'} .. {summary['last'] or '-'}, span {format_span(summary['span_s'])}"
@@ -343,6 +357,8 @@ def trace_document(result: TraceResult) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     if result.request_id is not None:
         doc["request_id"] = result.request_id
+    elif result.trace_id is not None:
+        doc["trace_id"] = result.trace_id
     else:
         doc["session_id"] = result.session_id
     doc["request_ids"] = result.request_ids
