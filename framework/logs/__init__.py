@@ -124,12 +124,13 @@ not be written, or a trace matched no line; 2 a usage error.
 
 from __future__ import annotations
 
-from ballast.logs.aggregate import LogSummary, summarize_file
+from ballast.logs.aggregate import LogSummary
 from ballast.logs.cli import add_logs_parser, main, run_logs
 from ballast.logs.page import render_html
 from ballast.logs.reading import GunzipReader, LineCounter, LogInputError, open_log, read_batches
 from ballast.logs.report import MAX_KEYS, MAX_ROUTES, SummaryReport
 from ballast.logs.sketch import LatencySketch
+from ballast.logs.summarize import summarize_file
 from ballast.logs.text import format_histogram, format_summary_text
 from ballast.logs.times import format_span, format_time, parse_time_arg, parse_timestamp
 from ballast.logs.trace import TraceResult, format_trace_line, format_trace_text, trace_document, trace_file

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import zlib
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from ballast.logs.assemble import assemble_report
 from ballast.logs.protections import Handler, Protections
-from ballast.logs.reading import LineCounter, Readable, open_log, read_batches
+from ballast.logs.reading import LineCounter, Readable, read_batches
 from ballast.logs.report import (
     MAX_ROUTES,
     NONE_KEY,
@@ -379,21 +379,3 @@ class LogSummary:
     def report(self) -> SummaryReport:
         """The summary document of everything fed so far."""
         return assemble_report(self)
-
-
-
-def summarize_file(
-    path: str | None,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    stdin: BinaryIO | None = None,
-    interval_s: int | None = None,
-) -> SummaryReport:
-    """Summarise the log at ``path`` (``None``/``"-"``: stdin). Raises :class:`LogInputError`."""
-    summary = LogSummary(since=since, until=until, interval_s=interval_s)
-    with open_log(path, stdin=stdin) as source:
-        summary.source = source.name
-        summary.gzip = source.gzip
-        summary.feed_stream(source.stream)
-    return summary.report()

@@ -15,10 +15,10 @@ from typing import TextIO
 
 import orjson
 
-from ballast.logs.aggregate import summarize_file
 from ballast.logs.page import render_html
 from ballast.logs.query import EngineMissing, QueryError, format_json, format_table, run_query, write_csv
 from ballast.logs.reading import LogInputError
+from ballast.logs.summarize import summarize_file
 from ballast.logs.tail import follow
 from ballast.logs.text import format_summary_text
 from ballast.logs.timeline import parse_interval
@@ -56,6 +56,10 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     summarize.add_argument(
         "--interval", type=_interval_arg, metavar="SPAN",
         help="bucket width of the time series (30s, 5m, 1h); default: chosen from the log's span",
+    )
+    summarize.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="processes for a large plain file (default: the usable cores; 1: one pass)",
     )
 
     trace = commands.add_parser(
@@ -116,7 +120,12 @@ def _run_summarize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.since is not None and args.until is not None and args.since >= args.until:
         err.write("ballast logs summarize: --since must be before --until\n")
         return 2
-    report = summarize_file(args.file, since=args.since, until=args.until, interval_s=args.interval)
+    if args.workers is not None and args.workers < 1:
+        err.write("ballast logs summarize: --workers must be at least 1\n")
+        return 2
+    report = summarize_file(
+        args.file, since=args.since, until=args.until, interval_s=args.interval, workers=args.workers
+    )
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as fh:
