@@ -31,50 +31,9 @@ from ballast.logs.report import (
     _status_class,
 )
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS, LatencySketch
-from ballast.logs.timeline import INDEX, Timeline
+from ballast.logs.slots import _HANDLED, _PLAIN, _REQUEST, _EventSlot, _RequestSlot, _Timed
+from ballast.logs.timeline import ERRORS_5XX, INDEX, REQUESTS, Timeline
 from ballast.logs.times import FAR_FUTURE, FAR_PAST
-
-# Kinds of event the hot loop tells apart (an int compare beats a string compare).
-_PLAIN, _REQUEST, _HANDLED = 0, 1, 2
-
-
-class _EventSlot:
-    """Lines of one (event, level) pair, and what to do with each."""
-
-    __slots__ = ("count", "event", "handler", "kind", "level")
-
-    def __init__(
-        self, event: str, level: str, kind: int, handler: Handler | None
-    ) -> None:
-        self.event = event
-        self.level = level
-        self.kind = kind
-        self.handler = handler
-        self.count = 0
-
-
-class _RequestSlot:
-    """Requests of one (route, method, status class); the latency sketch is the route's."""
-
-    __slots__ = ("count", "method", "route", "sketch", "status_class")
-
-    def __init__(self, route: str, method: str, status_class: str, sketch: LatencySketch) -> None:
-        self.route = route
-        self.method = method
-        self.status_class = status_class
-        self.sketch = sketch
-        self.count = 0
-
-
-class _Timed:
-    """Lines counted, and the durations of those that carried a usable one."""
-
-    __slots__ = ("count", "sketch")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.sketch = LatencySketch()
-
 
 _MAX_EVENTS = 1000
 _MAX_LEVELS = 100
@@ -102,6 +61,7 @@ class LogSummary:
         self.since = since
         self.until = until
         self.timeline = Timeline(interval_s)
+        self._seconds: dict[str, int] = {}
         self.protections = Protections(self.timeline)
         self.blank = 0
         self.read = 0
@@ -220,7 +180,10 @@ class LogSummary:
         inv_log_gamma = _INV_LOG_GAMMA
         min_ms = _MIN_MS
         floor = math.floor
-        add_request = self.timeline.add_request
+        # Requests per second in this batch, added to the timeline once per second seen.
+        per_second: dict[int, int] = {}
+        errors_per_second: dict[int, int] = {}
+        seconds = self._seconds
         since = self.since if self.since is not None else FAR_PAST
         until = self.until if self.until is not None else FAR_FUTURE
         filtering = self.since is not None or self.until is not None
@@ -249,7 +212,7 @@ class LogSummary:
                     continue
                 slot = found
             ts = obj.get("timestamp")
-            when = None
+            second = None
             if type(ts) is str:
                 try:
                     when = fromiso(ts)
@@ -267,6 +230,16 @@ class LogSummary:
                         last = when
                     if when < first:
                         first = when
+                    # Seconds since the epoch (for the timeline), cached by the text up to
+                    # the seconds for UTC stamps: converting each datetime costs more.
+                    if ts[-1] == "Z":
+                        second = seconds.get(ts[:19])
+                        if second is None:
+                            if len(seconds) >= 4096:
+                                seconds.clear()
+                            second = seconds[ts[:19]] = floor(when.timestamp())
+                    else:
+                        second = floor(when.timestamp())
             elif filtering:
                 filtered_out += 1
                 continue
@@ -279,8 +252,10 @@ class LogSummary:
                 except (KeyError, TypeError):
                     request = request_slot_for(rkey)
                 request.count += 1
-                if when is not None:
-                    add_request(floor(when.timestamp()), rkey[2])
+                if second is not None:
+                    per_second[second] = per_second.get(second, 0) + 1
+                    if request.status_class == "5xx":
+                        errors_per_second[second] = errors_per_second.get(second, 0) + 1
                 duration = obj.get("duration_ms")
                 if (type(duration) is float or type(duration) is int) and 0 <= duration < 1e15:
                     sketch = request.sketch
@@ -295,7 +270,12 @@ class LogSummary:
             elif kind == _HANDLED:
                 handler = slot.handler
                 if handler is not None:
-                    handler(obj, None if when is None else floor(when.timestamp()))
+                    handler(obj, second)
+        add = self.timeline.add
+        for second, n in per_second.items():
+            add(second, REQUESTS, n)
+        for second, n in errors_per_second.items():
+            add(second, ERRORS_5XX, n)
         self.first = first
         self.last = last
         self.read += len(batch)

@@ -23,17 +23,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ballast.logs.aggregate import (
-    _MAX_EVENTS,
-    _MAX_LEVELS,
-    _MAX_METHODS,
-    LogSummary,
-    _RequestSlot,
-    _Timed,
-)
+from ballast.logs.aggregate import _MAX_EVENTS, _MAX_LEVELS, _MAX_METHODS, LogSummary
 from ballast.logs.reading import GZIP_MAGIC, open_log
 from ballast.logs.report import MAX_KEYS, MAX_ROUTES, SummaryReport
 from ballast.logs.sketch import LatencySketch
+from ballast.logs.slots import _RequestSlot, _Timed
 from ballast.logs.timeline import MAX_BUCKETS, Timeline, _coarser
 
 MIN_PARALLEL_BYTES = 16 << 20
