@@ -100,7 +100,21 @@ are ordered by count, descending, then key::
       "mutation_failures": {session_id: int},  # session.mutation_failed
       "errors": {error_type: int},  # error.unhandled + upstream.failed +
                                     # session.mutation_failed error types
-      "bulkhead": {"rejected": int}
+      "bulkhead": {"rejected": int},
+      "protections": {         # the round-two protections (ballast.logs.protections)
+        "circuit": {"opened": int, "half_open": int, "closed": int,
+                    "opened_by_upstream": {upstream: int}},
+        "retry_denied": {kind: int},     # upstream.retry_denied
+        "fallback": {operation: int},    # fallback.used
+        "load_shed": {"lines": int, "requests": int,   # requests: the sum of `count`
+                      "by_route": {route: int}},
+        "auth_denied": {reason: int}
+      },
+      "series": {              # counts over time (ballast.logs.timeline)
+        "interval_s": int | null, "times": [str],   # bucket starts, UTC
+        "counts": {series: [int]},                  # one count per bucket
+        "totals": {series: int}
+      }
     }
 
 ``window`` holds the earliest and latest counted timestamps, normalised to UTC.

@@ -107,6 +107,8 @@ class _Follower:
         self.fh: BinaryIO | None = None
         self.inode = -1
         self._open(from_start)
+        if self.fh is None:  # later, a missing file is a rotation in progress; now, a mistake
+            raise LogInputError(f"cannot read {path}: No such file or directory")
 
     def _open(self, from_start: bool) -> None:
         try:

@@ -260,3 +260,15 @@ def test_html_charts_render_in_a_headless_browser(tmp_path: Path, browser: int) 
     assert by_series["requests"]["bars"] == 6  # six 10 s buckets, each with requests
     assert by_series["5xx"]["bars"] == 6 and by_series["circuit.opened"]["bars"] == 1
     assert by_series["5xx"]["fill"] != by_series["requests"]["fill"]  # errors drawn in another colour
+
+
+def test_tail_of_a_missing_file_fails_at_once(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ballast.logs", "tail", str(tmp_path / "nope.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "cannot read" in proc.stderr and "Traceback" not in proc.stderr
