@@ -155,10 +155,14 @@ class QueryResult:
 def run_query(sql: str, path: str | None, *, stdin: BinaryIO | None = None) -> QueryResult:
     """Run ``sql`` against table ``logs`` built from the log."""
     duckdb = _duckdb()
-    with _as_file(path, stdin) as (filename, gzip):
+    with (
+        _as_file(path, stdin) as (filename, gzip),
+        tempfile.TemporaryDirectory(prefix="ballast-sql-") as spill,
+    ):
         con = duckdb.connect(":memory:")
         try:
             con.execute(f"SET memory_limit = {_sql_string(MEMORY_LIMIT)}")
+            con.execute(f"SET temp_directory = {_sql_string(spill)}")
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET enable_progress_bar = false")
             con.execute(_view_sql(filename, gzip))
