@@ -105,8 +105,12 @@ def svg_chart(name: str, times: list[str], counts: list[int], interval_s: int | 
 
 CHART_STYLE = (
     ".chart{margin:.8em 0}.chart svg{display:block;background:#f6f8fb;border:1px solid #dde}"
-    ".chart rect{fill:#4a7bd0}.chart[data-series=\"5xx\"] rect,.chart[data-series^=\"circuit\"] rect,"
-    ".chart[data-series=\"load.shed\"] rect,.chart[data-series=\"auth.denied\"] rect{fill:#c0392b}"
+    ".chart rect{fill:#4a7bd0}"
+    # Failures and refusals in red, so the eye finds them first.
+    ".chart[data-series=\"5xx\"] rect,.chart[data-series=\"circuit.opened\"] rect,"
+    ".chart[data-series=\"upstream.failed\"] rect,.chart[data-series=\"upstream.retry_denied\"] rect,"
+    ".chart[data-series=\"load.shed\"] rect,.chart[data-series=\"auth.denied\"] rect,"
+    ".chart[data-series=\"finalize.failed\"] rect,.chart[data-series=\"finalize.timed_out\"] rect{fill:#c0392b}"
     ".chart .axis{stroke:#999}.chart figcaption{font-family:ui-monospace,monospace}"
 )
 

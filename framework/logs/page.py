@@ -75,6 +75,8 @@ def render_html(report: SummaryReport) -> str:
     if report["input"]["error"]:
         parts.append(f"<p class=warn>{_esc(report['input']['error'])}</p>")
     skipped = lines["skipped"]
+    # When things happened comes first: it is the first question about an incident.
+    parts.append(timeline_html(report["series"]))
     parts.append("<h2>Lines</h2><table>")
     for label, n in (
         ("total", lines["total"]),
@@ -130,6 +132,5 @@ def render_html(report: SummaryReport) -> str:
         f"<td>{report['bulkhead']['rejected']:,}</td></tr></table>"
     )
     parts.append(protections_html(report["protections"]))
-    parts.append(timeline_html(report["series"]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
