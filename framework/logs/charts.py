@@ -110,7 +110,8 @@ CHART_STYLE = (
     ".chart[data-series=\"5xx\"] rect,.chart[data-series=\"circuit.opened\"] rect,"
     ".chart[data-series=\"upstream.failed\"] rect,.chart[data-series=\"upstream.retry_denied\"] rect,"
     ".chart[data-series=\"load.shed\"] rect,.chart[data-series=\"auth.denied\"] rect,"
-    ".chart[data-series=\"finalize.failed\"] rect,.chart[data-series=\"finalize.timed_out\"] rect{fill:#c0392b}"
+    ".chart[data-series=\"finalize.failed\"] rect,.chart[data-series=\"finalize.timed_out\"] rect"
+    "{fill:#c0392b}"
     ".chart .axis{stroke:#999}.chart figcaption{font-family:ui-monospace,monospace}"
 )
 
