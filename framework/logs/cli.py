@@ -64,7 +64,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
 
     trace = commands.add_parser(
         "trace",
-        help="every line of one request or session, in time order",
+        help="every line of one request, session or trace, in time order",
         description="Print every line of one request, or of one session and the requests that touched it.",
     )
     which = trace.add_mutually_exclusive_group(required=True)

@@ -50,6 +50,9 @@ INTERVALS: tuple[int, ...] = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 21600, 864
 MAX_POINTS = 120
 MAX_BUCKETS = 4096
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The first second a datetime can hold: a bucket starting earlier is labelled with it.
+_FIRST_SECOND = -62_135_596_800
+MAX_INTERVAL_S = 10 * 366 * 86400
 _INTERVAL_ARG = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -65,9 +68,13 @@ def parse_interval(text: str) -> int:
     """``--interval`` as whole seconds: ``30s``, ``5m``, ``1h``, ``1d`` or a plain number."""
     match = _INTERVAL_ARG.match(text)
     seconds = int(match.group(1)) * _UNIT[match.group(2) or "s"] if match else 0
-    if seconds <= 0:
-        raise ValueError(f"invalid interval {text!r}: use whole seconds or 30s, 5m, 1h, 1d")
+    if seconds <= 0 or seconds > MAX_INTERVAL_S:
+        raise ValueError(f"invalid interval {text!r}: whole seconds or 30s, 5m, 1h, 1d; at most 10 years")
     return seconds
+
+
+def _label(start: int) -> str:
+    return format_time(_EPOCH + timedelta(seconds=max(start, _FIRST_SECOND))) or ""
 
 
 def _coarser(resolution: int) -> int:
@@ -169,7 +176,7 @@ class Timeline:
         rows = [self.buckets.get(start, empty) for start in starts]
         return {
             "interval_s": interval,
-            "times": [format_time(_EPOCH + timedelta(seconds=start)) or "" for start in starts],
+            "times": [_label(start) for start in starts],
             "counts": {name: [row[i] for row in rows] for i, name in enumerate(SERIES)},
             "totals": dict(zip(SERIES, totals, strict=True)),
         }

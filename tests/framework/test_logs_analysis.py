@@ -490,3 +490,20 @@ def test_span_one_bucket_over_the_limit_takes_the_next_interval(tmp_path: Path) 
     series = summarize_file(str(write(tmp_path / "t.log", lines)))["series"]
     assert series["interval_s"] == 10  # 5 s would need 121 buckets
     assert len(series["times"]) == 61 and series["counts"]["requests"] == [1] + [0] * 59 + [1]
+
+
+def test_timestamps_at_the_ends_of_time_are_bucketed(tmp_path: Path) -> None:
+    lines = [
+        b'{"timestamp":"0001-01-01T00:00:00Z","event":"http.request","status":500}',
+        b'{"timestamp":"9999-12-31T23:59:59.999999Z","event":"http.request","status":200}',
+        b'{"timestamp":"1969-12-31T23:59:59.5Z","event":"auth.denied","reason":"x"}',
+    ]
+    log = write(tmp_path / "edge.log", lines)
+    report = summarize_file(str(log))
+    series = report["series"]
+    assert len(series["times"]) <= MAX_BUCKETS
+    assert series["times"][0].endswith("1-01-01T00:00:00.000000Z")  # the first second a datetime holds
+    assert series["totals"]["requests"] == 2 and series["totals"]["auth.denied"] == 1
+    assert format_summary_text(report) and render_html(report)
+    with pytest.raises(ValueError):
+        parse_interval("99999999999")
