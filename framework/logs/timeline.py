@@ -150,6 +150,8 @@ class Timeline:
                     interval = candidate
                     if high // interval - low // interval + 1 <= MAX_POINTS:
                         break
+            while high // interval - low // interval + 1 > MAX_POINTS:  # spans of years
+                interval = _coarser(interval)
         while high // interval - low // interval + 1 > MAX_BUCKETS:
             interval = _coarser(interval)
         return interval

@@ -501,7 +501,7 @@ def test_timestamps_at_the_ends_of_time_are_bucketed(tmp_path: Path) -> None:
     log = write(tmp_path / "edge.log", lines)
     report = summarize_file(str(log))
     series = report["series"]
-    assert len(series["times"]) <= MAX_BUCKETS
+    assert len(series["times"]) <= 120
     assert series["times"][0].endswith("1-01-01T00:00:00.000000Z")  # the first second a datetime holds
     assert series["totals"]["requests"] == 2 and series["totals"]["auth.denied"] == 1
     assert format_summary_text(report) and render_html(report)
