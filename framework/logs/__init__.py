@@ -1,20 +1,25 @@
-"""Log analysis for Ballast's JSON log lines: ``ballast logs summarize`` and ``ballast logs trace``.
+"""Log analysis for Ballast's JSON log lines: ``ballast logs summarize | trace | query | tail``.
 
 The server writes one JSON object per line with stable event names (``http.request``,
 ``upstream.retry``, ``finalize.completed``, ...; see "Log events" in the architecture
 notes). Operators ask two questions of such a log, which may be gigabytes long: what
-happened overall (``summarize``) and what happened to one request or one session
-(``trace``). This package answers both without loading the log into memory, so it works
-on the production log as it is, gzipped or piped.
+happened overall, and when (``summarize``), and what happened to one request, session or
+trace (``trace``). This package answers both without loading the log into memory, so it
+works on the production log as it is, gzipped or piped. ``query`` hands the log to
+DuckDB for the next question, in SQL; ``tail`` watches a log as it grows.
 
 Modules, one job each: :mod:`~ballast.logs.reading` (files, gzip, stdin, batches of
 lines), :mod:`~ballast.logs.times` (timestamps, ``--since``/``--until``),
 :mod:`~ballast.logs.report` (the summary document's types),
-:mod:`~ballast.logs.sketch` (the latency sketch), :mod:`~ballast.logs.aggregate` (the
-streaming aggregator), :mod:`~ballast.logs.assemble` (counters to document),
-:mod:`~ballast.logs.text` and :mod:`~ballast.logs.page` (text and HTML rendering),
-:mod:`~ballast.logs.trace` and :mod:`~ballast.logs.cli`. This page is the contract of
-the summary document, field by field.
+:mod:`~ballast.logs.sketch` (the latency sketch), :mod:`~ballast.logs.aggregate` and
+:mod:`~ballast.logs.slots` (the streaming aggregator and its counters),
+:mod:`~ballast.logs.timeline` and :mod:`~ballast.logs.protections` (counts over time;
+the round-two protection events), :mod:`~ballast.logs.assemble` (counters to document),
+:mod:`~ballast.logs.parallel` and :mod:`~ballast.logs.summarize` (several processes,
+one result), :mod:`~ballast.logs.text`, :mod:`~ballast.logs.page` and
+:mod:`~ballast.logs.charts` (text and HTML rendering), :mod:`~ballast.logs.trace`,
+:mod:`~ballast.logs.query`, :mod:`~ballast.logs.tail` and :mod:`~ballast.logs.cli`.
+This page is the contract of the summary document, field by field.
 
 Input
 -----
@@ -39,7 +44,10 @@ values (about 1,260 buckets from 1 µs to one day), not by their count. Values b
 sessions, error types, ...) keep at most a fixed number of distinct keys (``MAX_KEYS``;
 ``MAX_ROUTES`` for routes); once full, new keys are counted under ``(other)``, so even a
 log with millions of distinct session ids is summarised in bounded memory, and every
-total stays exact.
+total stays exact. The timeline keeps at most ``MAX_BUCKETS`` (4,096) buckets of 14
+counters. A large plain file is split across processes (each with the same bounds) and
+the parts merged exactly; when a capped table fills, the file is read again in one pass,
+so the document never depends on the number of processes.
 
 ``trace`` keeps only the matching lines. For a session it reads a regular file twice
 (the first pass finds the request ids that touched the session). Standard input is read
