@@ -1,9 +1,9 @@
 """Summarising a large plain log file on several cores: split by bytes, aggregate, merge exactly.
 
 Parsing JSON is the summary's cost, and it is per line, so a big regular file is cut
-into as many byte ranges as there are workers (each cut moved to just after a newline,
-so no line is split), each range is summarised by the same :class:`LogSummary` code in
-a forked process, and the parts are merged in the parent. Counts, sketches and
+into byte ranges, four per worker (each cut moved to just after a newline, so no line
+is split), each range is summarised by the same :class:`LogSummary` code in a pool of
+forked processes, and the parts are merged in the parent as they arrive. Counts, sketches and
 timelines add up exactly. The one thing that does not is a capped table (``MAX_KEYS``
 and the like): which keys are kept before the rest fold into ``(other)`` depends on
 the order lines are seen. So when any merged table reaches its cap, the parts are
@@ -32,6 +32,7 @@ from ballast.logs.timeline import MAX_BUCKETS, Timeline, _coarser
 
 MIN_PARALLEL_BYTES = 16 << 20
 MAX_WORKERS = 8
+RANGES_PER_WORKER = 4
 
 
 class _Range:
@@ -181,17 +182,19 @@ def summarize_parallel(
         with open(path, "rb") as fh:
             if fh.read(2) == GZIP_MAGIC:
                 return None
-        points = split_points(path, count)
+        # More ranges than processes: on a shared machine a process that gets less CPU
+        # takes fewer ranges, instead of the whole summary waiting for it.
+        points = split_points(path, count * RANGES_PER_WORKER)
     except OSError:
         return None  # the one-pass reader reports the error in its own words
     options = {"since": since, "until": until, "interval_s": interval_s}
     jobs = [(path, a, b, options) for a, b in itertools.pairwise(points)]
-    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
-        parts = pool.map(_summarise_range, jobs)
     total = LogSummary(since=since, until=until, interval_s=interval_s)
     with open_log(path) as source:
         total.source, total.gzip = source.name, source.gzip
-    for part in parts:
-        if not merge(total, part):
-            return None
+    with multiprocessing.get_context("fork").Pool(min(count, len(jobs))) as pool:
+        # Merged as they arrive, so the parent holds one part at a time.
+        for part in pool.imap(_summarise_range, jobs):
+            if not merge(total, part):
+                return None
     return total.report()
