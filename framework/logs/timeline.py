@@ -116,16 +116,6 @@ class Timeline:
                 row = self.buckets[start] = [0] * len(SERIES)
         row[series] += n
 
-    def add_request(self, second: int, status: object) -> None:
-        start = second - second % self.resolution
-        row = self.buckets.get(start)
-        if row is None or second < self.low or second > self.high:
-            self.add(second, REQUESTS, 0)
-            row = self.buckets[second - second % self.resolution]
-        row[REQUESTS] += 1
-        if type(status) is int and 500 <= status <= 599:
-            row[ERRORS_5XX] += 1
-
     def _rebucket(self, resolution: int) -> None:
         merged: dict[int, list[int]] = {}
         for start, row in self.buckets.items():
