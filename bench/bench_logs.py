@@ -256,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="summaries of the same file (default 3)")
     parser.add_argument("--gzip", action="store_true", help="write the log gzip-compressed")
     parser.add_argument("--keep", metavar="PATH", help="write the log here and keep it")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="summary processes (default 1: the one-pass engine, whose memory this "
+                             "process's peak RSS measures; bench_logs_compare.py times the default)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ballast.logtools import summarize_file
+    from ballast.logs import summarize_file
 
     if args.keep:
         path = args.keep
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(max(1, args.rounds)):
             started = time.perf_counter()
             cpu_started = time.process_time()
-            report = summarize_file(path)
+            report = summarize_file(path, workers=args.workers)
             walls.append(time.perf_counter() - started)
             cpus.append(time.process_time() - cpu_started)
         peak = _rss_mb()
@@ -287,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "written": written,
             "bytes": size,
             "gzip": args.gzip,
+            "workers": args.workers,
             "rounds": len(walls),
             "seconds": round(seconds, 3),
             "lines_per_s": round(lines / seconds),

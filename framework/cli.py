@@ -163,7 +163,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ballast.keys_cli import add_keys_parser
-    from ballast.logtools import add_logs_parser
+    from ballast.logs import add_logs_parser
 
     parser = argparse.ArgumentParser(prog="ballast", description="Ballast session service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "logs":
-        from ballast.logtools import run_logs
+        from ballast.logs import run_logs
 
         return run_logs(args)
     func: Any = args.func

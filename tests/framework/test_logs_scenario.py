@@ -436,3 +436,38 @@ def test_missing_file(tmp_path: Path) -> None:
     result = run_cli("logs", "summarize", str(tmp_path / "nope.log"))
     assert result.returncode == 1
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def _one_pass_and_split(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, bytes]:
+    import orjson
+
+    import ballast.logs.parallel as parallel
+    from ballast.logs import summarize_file
+
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    one = orjson.dumps(summarize_file(str(path), workers=1))
+    split = orjson.dumps(summarize_file(str(path), workers=3))
+    return one, split
+
+
+def test_engines_agree_on_the_scenario_log(scenario: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    one, split = _one_pass_and_split(scenario.log_path, monkeypatch)
+    assert one == split
+
+
+def test_engines_agree_on_binary_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "garbage.log"
+    noise = random.Random(99).randbytes(256 * 1024).replace(b"\x1f", b"\x00")
+    path.write_bytes(noise + b"\n" + (b'{"event": "http.request", "status": 500}\n' * 50) + noise)
+    one, split = _one_pass_and_split(path, monkeypatch)
+    assert one == split
+
+
+def test_query_counts_the_scenario_exactly(scenario: Scenario) -> None:
+    pytest.importorskip("duckdb", reason="ballast logs query needs DuckDB: pip install 'ballast[logs]'")
+    sql = ("SELECT route, method, (status // 100) || 'xx' AS class, count(*) AS n FROM logs "
+           "WHERE event = 'http.request' GROUP BY ALL ORDER BY ALL")
+    result = run_cli("logs", "query", sql, str(scenario.log_path), "--json")
+    assert result.returncode == 0, result.stderr
+    got = {(r["route"], r["method"], r["class"]): r["n"] for r in json.loads(result.stdout)}
+    assert got == dict(scenario.requests)

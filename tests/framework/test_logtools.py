@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ballast.logtools import (
+from ballast.logs import (
     MAX_KEYS,
     LatencySketch,
     LineCounter,
@@ -521,7 +521,7 @@ def test_distinct_keys_are_bounded_but_totals_exact(tmp_path: Path) -> None:
 
 def run_module(*argv: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "ballast.logtools", *argv],
+        [sys.executable, "-m", "ballast.logs", *argv],
         input=stdin,
         capture_output=True,
         cwd=ROOT,
