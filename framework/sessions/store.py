@@ -383,7 +383,9 @@ class Store(Protocol):
         transaction per job or for all of them; a job already taken over
         :data:`jobrecord.MAX_TAKEOVERS` times is ended ``failed`` instead (its session
         ``failed``), so a job that kills every process that runs it cannot loop. Jobs
-        of every tenant are considered.
+        of every tenant are considered. Jobs whose owner is ``owner`` itself are not
+        claimed: they still run in the claiming process (their lease expired while the
+        store was unreachable; their own END or renewal lands once it is back).
         """
         ...
 

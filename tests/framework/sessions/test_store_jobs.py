@@ -71,6 +71,8 @@ def test_a_taken_over_job_refuses_every_write_of_its_old_owner(tmp_path: Path) -
             assert old is not None
             assert await store.claim_expired_jobs("new", 15) == []  # not expired yet
             await asyncio.sleep(0.3)
+            # Its own process never claims it: the job still runs there.
+            assert await store.claim_expired_jobs("old", 15) == []
             [claimed] = await store.claim_expired_jobs("new", 15)
             assert claimed.lease.fence == old.fence + 1 and claimed.job.owner == "new"
             assert claimed.job.takeovers == 1 and claimed.job.attempt == 1
