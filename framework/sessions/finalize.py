@@ -47,6 +47,8 @@ class JobContext:
     done: bool = False
     elapsed_ms: int = 0
     data: dict[str, Any] = field(default_factory=dict)
+    #: Set when the stages begin, once every wrapper has run (the budget is known then).
+    begun: asyncio.Event = field(default_factory=asyncio.Event)
 
     def elapsed(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -100,6 +102,7 @@ class FinalizeRunner:
         self._run = run
 
     async def _run_stages(self, job: JobContext) -> None:
+        job.begun.set()
         for info in job.stages:
             name = info["name"]
             job.current = name

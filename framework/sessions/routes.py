@@ -7,6 +7,7 @@ response in the request path.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -102,7 +103,38 @@ async def start_finalize(request: web.Request) -> web.Response:
 
 
 async def get_finalize(request: web.Request) -> web.Response:
-    return _json({"job": await request.app[SERVICE].get_job(_session_id(request))})
+    sid = _session_id(request)
+    wait = _wait_param(request)
+    service = request.app[SERVICE]
+    if wait is None:
+        return _json({"job": await service.get_job(sid)})
+    return _json({"job": await service.wait_job(sid, wait, lambda: _connected(request))})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    after = request.query.get("after")
+    if after is not None and not _SESSION_ID.match(after):
+        raise ClientError(f"Query parameter 'after' must be a session id ({m.SESSION_ID_PATTERN}).")
+    limit = _int_param(request, "limit", m.SESSION_PAGE_DEFAULT, 1, m.SESSION_PAGE_MAX)
+    return _json(await request.app[SERVICE].list_sessions(after, limit))
+
+
+def _wait_param(request: web.Request) -> float | None:
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= m.MAX_WAIT_S:  # also refuses nan
+        raise ClientError(f"Query parameter 'wait' must be a number of seconds from 0 to {m.MAX_WAIT_S}.")
+    return value
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 async def get_report(request: web.Request) -> web.Response:
@@ -168,6 +200,7 @@ def setup_sessions(app: web.Application) -> None:
     app.cleanup_ctx.append(_sessions_ctx)
     r = app.router
     r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions", list_sessions)
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_post("/v1/sessions/{session_id}/mutations", append_mutations)
     r.add_get("/v1/sessions/{session_id}/mutations", list_mutations)

@@ -14,17 +14,22 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ballast import budget
-from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
+from ballast.errors import ClientError, Conflict, NotFound, Overloaded, UpstreamError
 from ballast.executor import BlockingExecutor
 from ballast.logging import get_logger
 from ballast.sessions import analysis
 from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
+from ballast.sessions.naming import Naming, name_unnamed
+from ballast.sessions.people import names_by_label
 from ballast.sessions.store import SessionRecord, Store
+from ballast.sessions.waiters import JobWaiters, first_of, wait_for
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")
 RESOLVE_UNAVAILABLE = "Speaker resolution temporarily unavailable"
+#: A waiting request answers this long before its own time budget runs out.
+WAIT_MARGIN_S = 0.5
 
 
 def _not_found(session_id: str) -> NotFound:
@@ -40,6 +45,7 @@ class SessionService:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._live: dict[str, JobContext] = {}
         self._lock = asyncio.Lock()
+        self.waiters = JobWaiters()
         self._runner = FinalizeRunner(
             {"freeze": self._freeze, "drain": self._drain, "replay": self._replay,
              "reconcile": self._reconcile, "stats": self._stats, "events": self._events,
@@ -64,6 +70,18 @@ class SessionService:
         if record is None:
             raise _not_found(session_id)
         return self._session_view(record, job)
+
+    async def list_sessions(self, after: str | None, limit: int) -> dict[str, Any]:
+        """A page of sessions in creation order; ``next_after`` is null on the last page."""
+        page = await self.store.list_sessions(after, limit)
+        if page is None:
+            raise ClientError("Query parameter 'after' must be a session id from a previous page.")
+        views = []
+        for record, job in page:
+            live = self._live.get(record.session_id)
+            views.append(self._session_view(record, live.record() if live is not None else job))
+        next_after = page[-1][0].session_id if len(page) == limit else None
+        return {"sessions": views, "next_after": next_after}
 
     async def _require(self, session_id: str) -> SessionRecord:
         record = await self.store.get_session(session_id)
@@ -132,6 +150,21 @@ class SessionService:
             raise NotFound(f"Session '{session_id}' has no finalize job; POST to start one.")
         return public_job(job)
 
+    async def wait_job(self, session_id: str, wait_s: float,
+                       wanted: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """The job, once it is no longer running or after ``wait_s`` seconds, whichever
+        comes first; the wait is cut short to fit the request's own time budget. When
+        ``wanted()`` turns false meanwhile (the client left), the job is not read again."""
+        with self.waiters.watching(session_id) as ended:
+            job = await self.get_job(session_id)
+            if job["state"] != "running":
+                return job
+            left = budget.remaining()
+            if left is not None:
+                wait_s = min(wait_s, left - WAIT_MARGIN_S)
+            await wait_for(ended, wait_s)
+        return await self.get_job(session_id) if wanted() else job
+
     async def start_finalize(self, session_id: str) -> dict[str, Any]:
         async with self._lock:
             record = await self._require(session_id)
@@ -144,8 +177,10 @@ class SessionService:
             self._live[session_id] = job
             await self._save_job(job)
             with budget.unbounded():  # the job has its own budget, not this request's
-                self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
-                                                             name=f"finalize:{session_id}")
+                task = self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
+                                                                    name=f"finalize:{session_id}")
+            # Until the job's wrappers have run it has no budget: answer once it has one.
+            await first_of(task, job.begun)
             return public_job(job.record())
 
     async def _save_job(self, job: JobContext) -> None:
@@ -166,6 +201,7 @@ class SessionService:
                     del self._live[job.session_id]
                 if self._jobs.get(job.session_id) is asyncio.current_task():
                     del self._jobs[job.session_id]
+                self.waiters.notify(job.session_id)
 
     async def _job_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Blocking work of a finalize job: wait for capacity rather than fail the job.
@@ -196,7 +232,9 @@ class SessionService:
             lambda: analysis.replay(self.store.iter_mutations(job.session_id), record.participants))
 
     async def _reconcile(self, job: JobContext) -> None:
-        job.data["reconciled"] = await self._job_blocking(analysis.reconcile, job.data.pop("state"))
+        state = job.data.pop("state")
+        naming = job.data["naming"] = await name_unnamed(self.provider, job.session_id, state)
+        job.data["reconciled"] = await self._job_blocking(analysis.reconcile, state, naming.inferred)
 
     async def _stats(self, job: JobContext) -> None:
         job.data["stats"] = await self._job_blocking(analysis.compute_stats, job.data["reconciled"])
@@ -208,9 +246,11 @@ class SessionService:
         record: SessionRecord = job.data["record"]
         rec = job.data["reconciled"]
         stats = job.data["stats"]
+        naming: Naming = job.data["naming"]
+        speakers = names_by_label({**naming.inferred, **rec.state.speakers}, rec.people)
         draft = await self.provider.report(ReportInput(
             session_id=job.session_id, title=record.title, participants=list(record.participants),
-            speakers=dict(rec.state.speakers), stats=stats, utterances=rec.utterances(),
+            speakers=speakers, stats=stats, utterances=rec.utterances(),
             notes=[n.text for n in rec.state.notes]))
         job.data["report"] = {
             "session_id": job.session_id, "title": record.title,
@@ -218,6 +258,7 @@ class SessionService:
             "action_items": [{"owner": a.owner, "text": a.text} for a in draft.action_items],
             "stats": stats["totals"], "speakers": stats["speakers"],
             "timeline": job.data["timeline"],
+            "speaker_naming": naming.report_field(),
             "generated_at": datetime.now(UTC).isoformat(),
         }
 

@@ -421,6 +421,11 @@ class SQLiteStore:
     async def get_job(self, session_id: str) -> dict[str, Any] | None:
         return await self._read(_read_body, "jobs", session_id)
 
+    async def list_sessions(
+        self, after: str | None, limit: int
+    ) -> list[tuple[SessionRecord, dict[str, Any] | None]] | None:
+        return await self._read(_read_session_list, after, limit)
+
     async def get_report(self, session_id: str) -> dict[str, Any] | None:
         return await self._read(_read_body, "reports", session_id)
 
@@ -891,3 +896,35 @@ def _read_body(table: str, session_id: str, conn: sqlite3.Connection) -> dict[st
         return None
     body: dict[str, Any] = _loads(row[0])
     return body
+
+
+# Sessions in creation order: the implicit rowid of ``sessions`` grows with each insert
+# (nothing is ever deleted), so a page is one range scan of the table's own b-tree.
+_SELECT_SESSION_LIST: Final = (
+    "SELECT s.session_id, s.state, s.title, s.participants, s.mutation_count, s.last_seq,"
+    " s.speakers, s.created_at, j.body FROM sessions AS s"
+    " LEFT JOIN jobs AS j ON j.session_id = s.session_id"
+    " WHERE s.rowid > ? ORDER BY s.rowid LIMIT ?"
+)
+
+
+def _read_session_list(
+    after: str | None, limit: int, conn: sqlite3.Connection
+) -> list[tuple[SessionRecord, dict[str, Any] | None]] | None:
+    conn.execute("BEGIN")
+    try:
+        start = 0
+        if after is not None:
+            row = conn.execute("SELECT rowid FROM sessions WHERE session_id = ?", (after,)).fetchone()
+            if row is None:
+                return None
+            start = row[0]
+        rows = conn.execute(_SELECT_SESSION_LIST, (start, limit)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    page: list[tuple[SessionRecord, dict[str, Any] | None]] = []
+    for sid, state, title, participants, count, last_seq, speakers, created_at, job in rows:
+        record = SessionRecord(sid, state, title, _loads(participants), count, last_seq,
+                               _loads(speakers), created_at)
+        page.append((record, None if job is None else _loads(job)))
+    return page

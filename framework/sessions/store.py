@@ -124,6 +124,16 @@ class Store(Protocol):
         """
         ...
 
+    async def list_sessions(
+        self, after: str | None, limit: int
+    ) -> list[tuple[SessionRecord, dict[str, Any] | None]] | None:
+        """Up to ``limit`` sessions created after session ``after`` (from the first when
+        ``None``), in creation order, each with its finalize job (or ``None``).
+
+        ``None`` when ``after`` names no session: a cursor must come from a listing.
+        """
+        ...
+
     async def append(self, session_id: str, mutations: list[dict[str, Any]]) -> AppendResult:
         """Apply a batch of validated mutations whole, or not at all.
 

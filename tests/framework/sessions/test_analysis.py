@@ -17,8 +17,8 @@ from ballast.sessions.analysis import (
     compute_stats,
     reconcile,
     replay,
-    transcript_excerpt,
 )
+from ballast.sessions.excerpt import transcript_excerpt
 from ballast.sessions.models import SpeakerStats
 
 Row = dict[str, Any]
@@ -255,7 +255,9 @@ def test_stats_of_one_speaker() -> None:
         {
             "speaker": "solo",
             "name": None,
+            "labels": ["solo"],
             "talk_time_ms": 4000,  # 1000..4000 (own overlap once) + 1000
+            "talk_share": 1.0,
             "turns": 2,
             "longest_monologue_ms": 3000,
             "interruptions": 0,
