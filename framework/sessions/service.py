@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ballast import budget
-from ballast.errors import ClientError, Conflict, NotFound, Overloaded, UpstreamError
+from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
 from ballast.executor import BlockingExecutor
 from ballast.logging import get_logger
 from ballast.sessions import analysis
@@ -74,8 +74,9 @@ class SessionService:
     async def list_sessions(self, after: str | None, limit: int) -> dict[str, Any]:
         """A page of sessions in creation order; ``next_after`` is null on the last page."""
         page = await self.store.list_sessions(after, limit)
-        if page is None:
-            raise ClientError("Query parameter 'after' must be a session id from a previous page.")
+        if page is None:  # the cursor names no session (of this caller's)
+            raise NotFound(f"Session '{after}' does not exist; 'after' takes a session id "
+                           "from a previous page's next_after.")
         views = []
         for record, job in page:
             live = self._live.get(record.session_id)
