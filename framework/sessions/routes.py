@@ -152,7 +152,7 @@ def make_provider(app: web.Application) -> InferenceProvider:
     key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     register_secret(key)
     return OpenAIProvider(app[UPSTREAM], base_url=settings.base_url, model=settings.model,
-                          api_key=key, timeout_ms=settings.timeout_ms)
+                          api_key=key, timeout_ms=settings.timeout_ms, run_blocking=app[EXECUTOR].run)
 
 
 def _failure_hook(app: web.Application) -> Any:

@@ -23,6 +23,7 @@ from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveIn
 from ballast.sessions.naming import Naming, name_unnamed
 from ballast.sessions.people import names_by_label
 from ballast.sessions.store import SessionRecord, Store
+from ballast.sessions.transcript import StoredTranscript
 from ballast.sessions.waiters import JobWaiters, first_of, wait_for
 
 T = TypeVar("T")
@@ -118,23 +119,21 @@ class SessionService:
         if record.state != "open":
             raise Conflict(f"Session '{session_id}' is {record.state}; speakers are resolved only "
                            "while it is open.")
-        utterances = await self.executor.run(self._utterances, session_id)
+        # Read on demand: a prompt reads the transcript's ends, the builtin streams it.
+        transcript = StoredTranscript(self.store, session_id, record.last_seq)
         try:
             reply = await self.provider.resolve(ResolveInput(
-                session_id, list(record.participants), utterances, dict(record.speakers)))
+                session_id, list(record.participants), transcript, dict(record.speakers)))
         except UpstreamError as exc:
             raise UpstreamError(RESOLVE_UNAVAILABLE, kind=exc.kind, upstream_status=exc.upstream_status,
                                 attempts=exc.attempts, internal=exc.internal) from exc
-        labels = {u[0] for u in utterances}
-        mapping = {k: v for k, v in reply.mapping.items() if k in labels and v}
+        # Providers answer only for labels they saw (or were told of), so no label that
+        # never spoke comes back.
+        mapping = {k: v for k, v in reply.mapping.items() if v}
         if mapping:
             await self.store.append(session_id, [{"type": "speakers_resolved", "mapping": mapping}])
         updated = await self._require(session_id)
         return {"speakers": updated.speakers}
-
-    def _utterances(self, session_id: str) -> list[tuple[str, int, int, str]]:
-        return [(r["speaker"], r["start_ms"], r["end_ms"], r["text"])
-                for r in self.store.iter_mutations(session_id) if r["type"] == "utterance"]
 
     # ---------------------------------------------------------------- finalize
 
