@@ -25,6 +25,7 @@ from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
 from ballast.sessions.builtin import BuiltinProvider
 from ballast.sessions.inference import InferenceProvider
+from ballast.sessions.patience import run_blocking_for
 from ballast.sessions.service import SessionService
 from ballast.sessions.sqlite_store import SQLiteStore
 
@@ -144,7 +145,7 @@ async def get_report(request: web.Request) -> web.Response:
 def make_provider(app: web.Application) -> InferenceProvider:
     settings = app[CONFIG].settings.inference
     if settings.provider == "builtin":
-        return BuiltinProvider(app[EXECUTOR].run)
+        return BuiltinProvider(run_blocking_for(app[EXECUTOR]))
     from ballast.sessions.openai import OpenAIProvider
 
     if not settings.base_url:
@@ -152,7 +153,8 @@ def make_provider(app: web.Application) -> InferenceProvider:
     key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     register_secret(key)
     return OpenAIProvider(app[UPSTREAM], base_url=settings.base_url, model=settings.model,
-                          api_key=key, timeout_ms=settings.timeout_ms, run_blocking=app[EXECUTOR].run)
+                          api_key=key, timeout_ms=settings.timeout_ms,
+                          run_blocking=run_blocking_for(app[EXECUTOR]))
 
 
 def _failure_hook(app: web.Application) -> Any:

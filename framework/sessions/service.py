@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ballast import budget
-from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
+from ballast.errors import Conflict, NotFound, UpstreamError
 from ballast.executor import BlockingExecutor
 from ballast.logging import get_logger
 from ballast.sessions import analysis
 from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
 from ballast.sessions.naming import Naming, name_unnamed
+from ballast.sessions.patience import patient, run_patiently
 from ballast.sessions.people import names_by_label
 from ballast.sessions.store import SessionRecord, Store
 from ballast.sessions.transcript import StoredTranscript
@@ -176,7 +177,9 @@ class SessionService:
             job = JobContext(session_id, attempt=(previous["attempt"] + 1) if previous else 1)
             self._live[session_id] = job
             await self._save_job(job)
-            with budget.unbounded():  # the job has its own budget, not this request's
+            # The job has its own budget, not this request's, and its blocking work waits
+            # for executor capacity rather than fail (it has no client to retry it).
+            with budget.unbounded(), patient():
                 task = self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
                                                                     name=f"finalize:{session_id}")
             # Until the job's wrappers have run it has no budget: answer once it has one.
@@ -210,13 +213,7 @@ class SessionService:
         background job has no client to do that, so it retries here, with backoff, for
         as long as its time budget allows.
         """
-        delay = 0.02
-        while True:
-            try:
-                return await self.executor.run(fn, *args)
-            except Overloaded:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        return await run_patiently(self.executor, fn, *args)
 
     async def _freeze(self, job: JobContext) -> None:
         if not await self.store.set_state(job.session_id, "finalizing", expect=("open", "failed")):
