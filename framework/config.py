@@ -41,6 +41,15 @@ class StorageSettings(_Section):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "var/ballast.db"
     durability: Literal["full", "normal"] = "full"
+    job_lease_s: float = Field(15.0, ge=0.5, le=600)
+
+
+class SessionSettings(_Section):
+    """Limits of one session (a batch past one is refused whole with a 409 problem)."""
+
+    max_participants: int = Field(1000, ge=1, le=100_000)
+    max_speaker_labels: int = Field(1000, ge=1, le=100_000)
+    max_mutations: int = Field(1_000_000, ge=1, le=100_000_000)
 
 
 class InferenceSettings(_Section):
@@ -72,6 +81,7 @@ class PluginSection(BaseModel):
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
+    sessions: SessionSettings = SessionSettings()
     inference: InferenceSettings = InferenceSettings()
     logging: LoggingSettings = LoggingSettings()
     # Raw until the plugin manager validates each against its plugin's model.

@@ -12,24 +12,16 @@ Which one a call is follows the context: the service starts each job's task insi
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
-from ballast.errors import Overloaded
 from ballast.executor import BlockingExecutor
+from ballast.sessions.finalize import until_capacity
 from ballast.sessions.inference import RunBlocking
 
-T = TypeVar("T")
-
 _patient: contextvars.ContextVar[bool] = contextvars.ContextVar("ballast_patient", default=False)
-
-#: Backoff between attempts while the executor is full.
-FIRST_DELAY_S = 0.02
-MAX_DELAY_S = 0.5
-
 
 @contextmanager
 def patient() -> Iterator[None]:
@@ -41,23 +33,12 @@ def patient() -> Iterator[None]:
         _patient.reset(token)
 
 
-async def run_patiently(executor: BlockingExecutor, fn: Callable[..., T], /, *args: Any) -> T:
-    """``executor.run(fn, *args)``, retried while the executor is full."""
-    delay = FIRST_DELAY_S
-    while True:
-        try:
-            return await executor.run(fn, *args)
-        except Overloaded:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_S)
-
-
 def run_blocking_for(executor: BlockingExecutor) -> RunBlocking:
     """The ``run_blocking`` of inference providers: patient inside a job, else not."""
 
     async def run(fn: Callable[..., Any], /, *args: Any) -> Any:
         if _patient.get():
-            return await run_patiently(executor, fn, *args)
+            return await until_capacity(lambda: executor.run(fn, *args))
         return await executor.run(fn, *args)
 
     return run

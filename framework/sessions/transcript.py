@@ -34,17 +34,18 @@ class StoredTranscript:
     tail ends there, so mutations appended meanwhile are not read.
     """
 
-    __slots__ = ("_last_seq", "_session_id", "_store", "rows_read")
+    __slots__ = ("_last_seq", "_session_id", "_store", "_tenant", "rows_read")
 
-    def __init__(self, store: Store, session_id: str, last_seq: int) -> None:
+    def __init__(self, store: Store, tenant: str, session_id: str, last_seq: int) -> None:
         self._store = store
+        self._tenant = tenant
         self._session_id = session_id
         self._last_seq = last_seq
         #: Rows this transcript has read from the store so far (of any type).
         self.rows_read = 0
 
     def __iter__(self) -> Iterator[Utterance]:
-        for row in self._store.iter_mutations(self._session_id):
+        for row in self._store.iter_mutations(self._tenant, self._session_id):
             if row["seq"] > self._last_seq:
                 return
             self.rows_read += 1
@@ -59,14 +60,15 @@ class StoredTranscript:
         other mutations come between the utterances.
         """
         last = self._last_seq
-        rows = await self._store.list_mutations(self._session_id, 0, min(head, last)) if head > 0 else []
+        rows = await self._store.list_mutations(self._tenant, self._session_id, 0, min(head, last)) if head > 0 else []
         self.rows_read += len(rows)
         first = [u for u in map(_utterance, rows) if u is not None]
         read_to = rows[-1]["seq"] if rows else 0
         start = max(read_to, last - tail)
         tail_rows = []
         if tail > 0 and start < last:
-            tail_rows = await self._store.list_mutations(self._session_id, start, last - start)
+            tail_rows = await self._store.list_mutations(self._tenant, self._session_id, start,
+                                                         last - start)
             self.rows_read += len(tail_rows)
         end = [u for u in map(_utterance, tail_rows) if u is not None]
         return TranscriptWindow(first, end, omitted=max(0, start - read_to))

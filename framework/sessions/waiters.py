@@ -15,9 +15,12 @@ the job as stored then.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(slots=True)
@@ -26,23 +29,24 @@ class _Slot:
     waiters: int = 0
 
 
-class JobWaiters:
-    """Per-session events that a job's end sets, for the requests waiting on it."""
+class JobWaiters(Generic[K]):
+    """Per-session events that a job's end sets, for the requests waiting on it; keyed
+    by whatever identifies a session (``(tenant, session_id)`` in the service)."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[K, _Slot] = {}
 
     def __len__(self) -> int:
         """Sessions with at least one waiting request."""
         return len(self._slots)
 
-    def waiting(self, key: str) -> int:
+    def waiting(self, key: K) -> int:
         """How many requests wait on ``key`` now."""
         slot = self._slots.get(key)
         return 0 if slot is None else slot.waiters
 
     @contextmanager
-    def watching(self, key: str) -> Iterator[asyncio.Event]:
+    def watching(self, key: K) -> Iterator[asyncio.Event]:
         """Register before reading the job, so an end between the read and the wait
         is not missed; the event is set when :meth:`notify` is called for ``key``."""
         slot = self._slots.get(key)
@@ -56,7 +60,7 @@ class JobWaiters:
             if slot.waiters == 0 and self._slots.get(key) is slot:
                 del self._slots[key]
 
-    def notify(self, key: str) -> None:
+    def notify(self, key: K) -> None:
         """The job of ``key`` ended: wake everyone waiting on it (later waiters get a
         fresh event, for the next job)."""
         slot = self._slots.pop(key, None)
