@@ -60,7 +60,9 @@ class StoredTranscript:
         other mutations come between the utterances.
         """
         last = self._last_seq
-        rows = await self._store.list_mutations(self._tenant, self._session_id, 0, min(head, last)) if head > 0 else []
+        rows: list[dict[str, Any]] = []
+        if head > 0:
+            rows = await self._store.list_mutations(self._tenant, self._session_id, 0, min(head, last))
         self.rows_read += len(rows)
         first = [u for u in map(_utterance, rows) if u is not None]
         read_to = rows[-1]["seq"] if rows else 0

@@ -28,6 +28,7 @@ from ballast.sessions.transcript import StoredTranscript, read_window, sequence_
 from ballast.upstream import PerCallClientProvider, Upstream, single_attempt_call
 
 LONG = 100_000
+T = "default"  # the tenant
 
 
 def _row(i: int) -> dict[str, Any]:
@@ -47,18 +48,18 @@ async def _long_session(path: Path, sid: str = "long") -> int:
     store = SQLiteStore(path, durability="normal")
     await store.open()
     try:
-        await store.create_session(sid, "Roadmap", ["Alice", "Bob", "Carol", "Dave"])
+        await store.create_session(T, sid, "Roadmap", ["Alice", "Bob", "Carol", "Dave"])
         batch: list[dict[str, Any]] = []
         for i in range(LONG):
             batch.append(_row(i))
             if i % 1000 == 500:
                 batch.append({"id": None, "type": "note", "text": f"note {i}"})
             if len(batch) >= 5000:
-                await store.append(sid, batch)
+                await store.append(T, sid, batch)
                 batch = []
         if batch:
-            await store.append(sid, batch)
-        record = await store.get_session(sid)
+            await store.append(T, sid, batch)
+        record = await store.get_session(T, sid)
         assert record is not None
         return record.last_seq
     finally:
@@ -76,7 +77,7 @@ async def long_store(tmp_path: Path) -> AsyncIterator[tuple[SQLiteStore, int]]:
 
 async def test_a_stored_window_is_two_bounded_reads(long_store: tuple[SQLiteStore, int]) -> None:
     store, last_seq = long_store
-    transcript = StoredTranscript(store, "long", last_seq)
+    transcript = StoredTranscript(store, T, "long", last_seq)
     window = await transcript.window(600, 200)
     assert transcript.rows_read == 800
     assert window.head[0] == ("spk_0", 0, 900, "Hi all, I'm Alice.")
@@ -84,9 +85,9 @@ async def test_a_stored_window_is_two_bounded_reads(long_store: tuple[SQLiteStor
     assert window.omitted == last_seq - 800
     assert len(window.head) == 599  # a note among the first 600 rows
     # A short session: one read covers it, nothing omitted.
-    await store.create_session("short", None, [])
-    await store.append("short", [_row(1), _row(2)])
-    short = StoredTranscript(store, "short", 2)
+    await store.create_session(T, "short", None, [])
+    await store.append(T, "short", [_row(1), _row(2)])
+    short = StoredTranscript(store, T, "short", 2)
     small = await short.window(300, 200)
     assert (len(small.head), small.tail, small.omitted, short.rows_read) == (2, [], 0, 2)
 
@@ -108,7 +109,7 @@ async def test_openai_resolve_reads_only_the_ends_and_builds_off_the_loop(
         clients = PerCallClientProvider()
         provider = OpenAIProvider(Upstream(single_attempt_call(clients), clients), base_url=fake.base_url,
                                   model="m", api_key=None, timeout_ms=5000, run_blocking=run_blocking)
-        transcript = StoredTranscript(store, "long", last_seq)
+        transcript = StoredTranscript(store, T, "long", last_seq)
         reply = await provider.resolve(ResolveInput("long", ["Alice", "Bob", "Carol", "Dave"], transcript))
         [received] = fake.requests
         prompt = received.user_prompt
