@@ -81,13 +81,3 @@ async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
         return event.is_set()
     return True
 
-
-async def first_of(task: asyncio.Task[None], event: asyncio.Event) -> None:
-    """Wait until ``event`` is set or ``task`` is done, whichever comes first."""
-    if event.is_set() or task.done():
-        return
-    setter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([task, setter], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        setter.cancel()

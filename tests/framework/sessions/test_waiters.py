@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ballast.sessions.waiters import JobWaiters, first_of, wait_for
+from ballast.sessions.waiters import JobWaiters, wait_for
 
 
 async def test_a_jobs_end_wakes_every_waiter_and_leaves_no_entry() -> None:
@@ -57,22 +57,3 @@ async def test_wait_for_times_out_and_never_waits_on_a_set_event() -> None:
     event.set()
     assert await wait_for(event, 0) is True
 
-
-async def test_first_of_returns_on_the_task_or_the_event_and_cleans_up() -> None:
-    event = asyncio.Event()
-    job = asyncio.create_task(asyncio.sleep(0.01))
-    await first_of(job, event)  # the task ended, the event never set
-    assert job.done()
-    before = asyncio.all_tasks()
-
-    async def sets() -> None:
-        event.set()
-        await asyncio.sleep(30)
-
-    long_job = asyncio.create_task(sets())
-    await first_of(long_job, event)
-    assert event.is_set() and not long_job.done()
-    long_job.cancel()
-    await asyncio.gather(long_job, return_exceptions=True)
-    await asyncio.sleep(0)
-    assert asyncio.all_tasks() <= before  # the helper waiting on the event is gone
