@@ -284,3 +284,32 @@ def test_many_waiters_all_see_the_end(tmp_path: Path) -> None:
             for t in threads:
                 t.join(30)
             assert results == ["succeeded"] * 40
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+async def test_listing_and_waiting_act_for_the_callers_tenant(tmp_path: Path, aiohttp_client: Any) -> None:
+    from test_service_tenants import HeaderTenant
+
+    from ballast.app import build_app
+    from ballast.config import load_settings
+    from ballast.plugin_manager import load_plugins
+
+    config = load_settings(environ={"BALLAST__STORAGE__PATH": str(tmp_path / "t.db")})
+    client = await aiohttp_client(build_app(config, load_plugins(config, eps=[],
+                                                                 extra=[("tenant", HeaderTenant())])))
+    a, b = {"X-Test-Tenant": "a"}, {"X-Test-Tenant": "b"}
+    for sid, who in (("a1", a), ("shared", a), ("b1", b), ("shared", b), ("a2", a)):
+        assert (await client.post("/v1/sessions", json={"session_id": sid}, headers=who)).status == 201
+    page = await (await client.get("/v1/sessions", headers=a)).json()
+    assert [s["session_id"] for s in page["sessions"]] == ["a1", "shared", "a2"]
+    page = await (await client.get("/v1/sessions?after=shared", headers=b)).json()
+    assert page == {"sessions": [], "next_after": None}
+    # Another tenant's session is no cursor: the same 404 as one that never existed.
+    assert (await client.get("/v1/sessions?after=a1", headers=b)).status == 404
+    # Waiting on another tenant's job is waiting on nothing: 404 at once.
+    assert (await client.post("/v1/sessions/a1/finalize", headers=a)).status == 202
+    assert (await client.get("/v1/sessions/a1/finalize?wait=5", headers=b)).status == 404
+    resp = await client.get("/v1/sessions/a1/finalize?wait=10", headers=a)
+    assert (await resp.json())["job"]["state"] == "succeeded"
