@@ -4,8 +4,11 @@ A client that wants the end of its job asks once and is answered when the job en
 the server does no polling on anyone's behalf: each waiting request sleeps on one
 :class:`asyncio.Event` per session, and the job's end sets it. Nothing runs while
 requests wait, so two hundred waiters cost two hundred suspended coroutines and one
-event. A waiter that leaves (its client went away, its time ran out) takes its count
-with it; the last one out removes the session's entry, so nothing accumulates.
+event. A waiter that leaves (its time ran out, its request was cancelled) takes its
+count with it; the last one out removes the session's entry, so nothing accumulates.
+A client that disconnects leaves its request parked until the job ends or the wait is
+over (aiohttp does not cancel a handler when its client goes), and the request then
+answers without reading the job again: a parked coroutine, and no work.
 
 Within one server process the wake-up is exact. A job running in another process of the
 same database is not seen here; its waiters are answered when their time is up, with
