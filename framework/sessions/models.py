@@ -178,13 +178,16 @@ class ResolveResult(BaseModel):
 
 
 class SpeakerStats(BaseModel):
-    """One person: labels that carry the same name are counted once (``labels``)."""
+    """One person: labels that carry the same name are counted once (``labels``).
+
+    ``labels`` and ``talk_share`` (0..1) are absent from reports made before speakers
+    were people."""
 
     speaker: str
     name: str | None
-    labels: list[str]
+    labels: list[str] = []
     talk_time_ms: int
-    talk_share: float
+    talk_share: float | None = None
     turns: int
     longest_monologue_ms: int
     interruptions: int

@@ -23,6 +23,7 @@ from ballast.sessions.inference import RunBlocking
 
 _patient: contextvars.ContextVar[bool] = contextvars.ContextVar("ballast_patient", default=False)
 
+
 @contextmanager
 def patient() -> Iterator[None]:
     """Blocking work started in this block (and in tasks created in it) waits for room."""
