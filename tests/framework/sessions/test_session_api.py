@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_upstream import FakeUpstreamProcess
+from fake_upstream import FakeUpstreamProcess, Step
 from support import ServerProcess, request
 
 # The issue's conversation: Alice's microphone drops and she comes back as spk_2.
@@ -313,3 +313,66 @@ async def test_listing_and_waiting_act_for_the_callers_tenant(tmp_path: Path, ai
     assert (await client.get("/v1/sessions/a1/finalize?wait=5", headers=b)).status == 404
     resp = await client.get("/v1/sessions/a1/finalize?wait=10", headers=a)
     assert (await resp.json())["job"]["state"] == "succeeded"
+
+
+async def test_a_client_that_leaves_a_wait_costs_no_work(tmp_path: Path) -> None:
+    """As under ``ballast serve``, whose runner does not cancel a handler whose client
+    left: the departed client's request stays parked, then answers without a read."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from fake_upstream import FakeUpstream
+    from support import free_port
+
+    from ballast.app import build_app
+    from ballast.config import load_settings
+    from ballast.sessions.routes import SERVICE
+
+    async with FakeUpstream(default=Step.hang(1.5)) as fake:
+        config = load_settings(environ={
+            "BALLAST__STORAGE__PATH": str(tmp_path / "w.db"), "BALLAST__INFERENCE__PROVIDER": "openai",
+            "BALLAST__INFERENCE__BASE_URL": fake.base_url, "BALLAST__INFERENCE__MODEL": "m"})
+        app = build_app(config)
+        runner = web.AppRunner(app, handler_cancellation=False)  # what `ballast serve` runs
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                service = app[SERVICE]
+                named = [*CONVERSATION, *[{"type": "speaker_renamed", "speaker": f"spk_{i}", "name": n}
+                                          for i, n in enumerate(["Alice", "Bob", "Alice"])]]
+                assert (await http.post(f"{base}/v1/sessions", json={"session_id": "w"})).status == 201
+                resp = await http.post(f"{base}/v1/sessions/w/mutations", json={"mutations": named})
+                assert resp.status == 200
+                assert (await http.post(f"{base}/v1/sessions/w/finalize")).status == 202
+
+                url = f"{base}/v1/sessions/w/finalize?wait=20"
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as leaving:
+                    with pytest.raises(TimeoutError):
+                        await leaving.get(url)  # the client gives up and closes its connection
+                staying = asyncio.ensure_future(http.get(url))
+                key = ("default", "w")
+                for _ in range(100):
+                    if service.waiters.waiting(key) == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                assert service.waiters.waiting(key) == 2  # both parked: nothing runs for them
+
+                reads: list[str] = []
+                get_job = service.store.get_job
+
+                async def counted(tenant: str, session_id: str) -> Any:
+                    reads.append(session_id)
+                    return await get_job(tenant, session_id)
+
+                service.store.get_job = counted  # type: ignore[method-assign]
+                resp = await staying
+                assert (await resp.json())["job"]["state"] == "succeeded"
+                await asyncio.sleep(0.2)  # the departed client's request has answered by now
+                assert len(service.waiters) == 0
+                assert reads == ["w"]  # only the client still there had the job read for it
+        finally:
+            await runner.cleanup()
