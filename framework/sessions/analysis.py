@@ -11,21 +11,26 @@ object per utterance.
 Stages and their functions:
 
 * ``replay``  -> :func:`replay` streams the stored rows once into a :class:`SessionState`.
-* ``reconcile`` -> :func:`reconcile` applies speaker names and merges utterances into turns.
-* ``stats`` -> :func:`compute_stats` measures talk time, turns, monologues, interruptions.
+* ``reconcile`` -> :func:`reconcile` applies speaker names, groups labels that carry the
+  same name into one person (:mod:`ballast.sessions.people`) and merges each person's
+  utterances into turns.
+* ``stats`` -> :func:`compute_stats` measures talk time, shares, turns, monologues and
+  interruptions per person.
 * ``events`` -> :func:`build_timeline` lists joins, leaves, notes and turns in time order.
 
-:func:`transcript_excerpt` renders a bounded ``Name: text`` transcript for prompting a
-remote model.
+:func:`ballast.sessions.excerpt.transcript_excerpt` renders a bounded ``Name: text``
+transcript of a reconciled session.
 """
 
 from __future__ import annotations
 
 import heapq
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
+
+from ballast.sessions.people import People, group_labels
 
 #: Two consecutive utterances of the same speaker belong to one turn when the second
 #: starts at most this long after the turn so far ended (overlaps always qualify),
@@ -37,10 +42,6 @@ MERGE_GAP_MS = 250
 #: Longest text kept for a turn or a note in a timeline entry.
 TIMELINE_TEXT_CHARS = 160
 NOTE_TEXT_CHARS = 1000
-
-#: Longest single line in a transcript excerpt; longer runs of speech by one speaker
-#: continue on a new ``Name:`` line.
-EXCERPT_LINE_CHARS = 1000
 
 _UTTERANCE = "utterance"
 _JOINED = "participant_joined"
@@ -286,16 +287,18 @@ class Reconciled:
     """A session with speaker names applied and utterances merged into turns.
 
     ``order`` maps a position in time order to an utterance index of ``state``
-    (``None`` when the log was already in time order). ``names[speaker_id]`` is the
-    speaker's name, or ``None`` when unknown. Turns are stored column-wise in order of
-    start time: ``turn_starts``, ``turn_ends``, ``turn_speakers`` (speaker ids),
-    ``turn_sizes`` (utterances in the turn) and ``turn_first`` (time-order position of
-    the turn's first utterance). A speaker's turns never overlap each other.
+    (``None`` when the log was already in time order). ``names[label_id]`` is the
+    label's name, or ``None`` when unknown; ``people`` groups labels of the same name
+    into persons. Turns are stored column-wise in order of start time: ``turn_starts``,
+    ``turn_ends``, ``turn_speakers`` (person ids), ``turn_sizes`` (utterances in the
+    turn) and ``turn_first`` (time-order position of the turn's first utterance). A
+    person's turns never overlap each other.
     """
 
     state: SessionState
     order: array[int] | None
     names: list[str | None]
+    people: People
     turn_starts: array[int] = field(default_factory=_int_array)
     turn_ends: array[int] = field(default_factory=_int_array)
     turn_speakers: array[int] = field(default_factory=_index_array)
@@ -310,10 +313,13 @@ class Reconciled:
     def turn_count(self) -> int:
         return len(self.turn_starts)
 
-    def display_name(self, speaker_id: int) -> str:
-        """The speaker's name if known, else their label."""
-        name = self.names[speaker_id]
-        return name if name is not None else self.state.labels[speaker_id]
+    def display_name(self, label_id: int) -> str:
+        """The name of the person speaking as this label if known, else the label."""
+        name = self.names[label_id]
+        return name if name is not None else self.state.labels[label_id]
+
+    def person_of(self, label_id: int) -> int:
+        return self.people.person_of[label_id]
 
     def utterance_index(self, position: int) -> int:
         """The ``state`` utterance index at a time-order position."""
@@ -337,20 +343,36 @@ def _time_order(starts: array[int]) -> array[int] | None:
     return array("L", sorted(range(len(starts)), key=starts.__getitem__))
 
 
-def _in_time_order(state: SessionState, order: array[int] | None) -> Iterator[tuple[int, int, int]]:
-    """``(speaker_id, start_ms, end_ms)`` of every utterance, in time order."""
+def _in_time_order(
+    state: SessionState, order: array[int] | None, people: People | None = None
+) -> Iterator[tuple[int, int, int]]:
+    """``(speaker, start_ms, end_ms)`` of every utterance, in time order.
+
+    ``speaker`` is the label id, or the person id when ``people`` is given (the
+    mapping is skipped when every label is its own person).
+    """
+    ids: Iterable[int] = state.speaker_ids
+    if order is not None:
+        ids = map(state.speaker_ids.__getitem__, order)
+    if people is not None and len(people) != len(state.labels):
+        ids = map(people.person_of.__getitem__, ids)
     if order is None:
-        return zip(state.speaker_ids, state.starts, state.ends, strict=True)
+        return zip(ids, state.starts, state.ends, strict=True)
     return zip(
-        map(state.speaker_ids.__getitem__, order),
+        ids,
         map(state.starts.__getitem__, order),
         map(state.ends.__getitem__, order),
         strict=True,
     )
 
 
-def reconcile(state: SessionState) -> Reconciled:
-    """Apply speaker names and merge each speaker's consecutive utterances into turns.
+def reconcile(state: SessionState, inferred: Mapping[str, str] | None = None) -> Reconciled:
+    """Apply speaker names, group labels into people, and merge each person's
+    consecutive utterances into turns.
+
+    A label's name is the one the log gave it (rename or resolve), else the one in
+    ``inferred`` (names finalize found for labels the log left unnamed). Labels that
+    carry the same name are one person: their utterances form turns together.
 
     Utterances are first put in order of start time, stably (ties keep seq order), as
     clients may send them slightly out of order. An utterance extends its speaker's
@@ -359,8 +381,10 @@ def reconcile(state: SessionState) -> Reconciled:
     talked over the turn does not break it). Otherwise it starts a new turn.
     """
     order = _time_order(state.starts)
-    names: list[str | None] = [state.speakers.get(label) for label in state.labels]
-    result = Reconciled(state=state, order=order, names=names)
+    extra = inferred or {}
+    names: list[str | None] = [state.speakers.get(label) or extra.get(label) for label in state.labels]
+    people = group_labels(state.labels, names)
+    result = Reconciled(state=state, order=order, names=names, people=people)
 
     t_starts, t_ends, t_speakers = (
         result.turn_starts,
@@ -368,13 +392,13 @@ def reconcile(state: SessionState) -> Reconciled:
         result.turn_speakers,
     )
     t_sizes, t_first = result.turn_sizes, result.turn_first
-    open_turn = [-1] * len(state.labels)
+    open_turn = [-1] * len(people)
     # The latest utterance start so far, by whom, and the latest start by anyone else.
     last_speaker = -1
     last_start = -1
     other_start = -1
 
-    for position, (speaker, start, end) in enumerate(_in_time_order(state, order)):
+    for position, (speaker, start, end) in enumerate(_in_time_order(state, order, people)):
         latest_by_other = last_start if speaker != last_speaker else other_start
         turn = open_turn[speaker]
         turn_end = t_ends[turn] if turn >= 0 else -1
@@ -397,23 +421,27 @@ def reconcile(state: SessionState) -> Reconciled:
 
 
 def compute_stats(reconciled: Reconciled) -> dict[str, Any]:
-    """Talk time, turns, longest monologue and interruptions per speaker, plus totals.
+    """Talk time, share, turns, longest monologue and interruptions per person, plus totals.
 
-    Returns ``{"speakers": [...], "totals": {...}}``. Each speaker entry has exactly the
-    fields of ``models.SpeakerStats``: ``speaker`` (label), ``name`` (or ``None``),
-    ``talk_time_ms`` (the union of the speaker's utterances, so their own overlaps count
-    once), ``turns``, ``longest_monologue_ms`` (the longest turn, start to end) and
-    ``interruptions`` (turns the speaker started while another speaker's turn was still
-    running; two turns starting at the same instant interrupt neither). Speakers are
-    ordered by talk time, most first, then by label.
+    A speaker is a person (:mod:`ballast.sessions.people`): labels that carry the same
+    name are counted once. Returns ``{"speakers": [...], "totals": {...}}``. Each
+    speaker entry has exactly the fields of ``models.SpeakerStats``: ``speaker`` (the
+    person's first label), ``name`` (or ``None``), ``labels`` (every label the person
+    spoke as, in order of first utterance), ``talk_time_ms`` (the union of the person's
+    utterances, so their own overlaps count once), ``talk_share`` (of the summed talk
+    time of everyone, 0..1, four decimals), ``turns``, ``longest_monologue_ms`` (the
+    longest turn, start to end) and ``interruptions`` (turns the person started while
+    someone else's turn was still running; two turns starting at the same instant
+    interrupt neither). Speakers are ordered by talk time, most first, then by label.
 
     ``totals`` holds ``duration_ms`` (first utterance start to last utterance end),
-    ``utterance_count``, ``turn_count``, ``speaker_count``, ``overlap_ms`` (time during
-    which two or more speakers talk at once), ``speech_ms`` (time during which anyone
-    talks), ``participant_count`` and ``note_count``.
+    ``utterance_count``, ``turn_count``, ``speaker_count`` (people), ``overlap_ms`` (time
+    during which two or more people talk at once), ``speech_ms`` (time during which
+    anyone talks), ``participant_count`` and ``note_count``.
     """
     state = reconciled.state
-    n_speakers = len(state.labels)
+    people = reconciled.people
+    n_speakers = len(people)
     order = reconciled.order
 
     # Per-speaker unions of utterance intervals, in order of start. A speaker's
@@ -427,7 +455,7 @@ def compute_stats(reconciled: Reconciled) -> dict[str, Any]:
     speech = 0
     first_start = union_start = 0
     union_end = -1
-    for speaker, start, end in _in_time_order(state, order):
+    for speaker, start, end in _in_time_order(state, order, people):
         current_end = open_end[speaker]
         if start <= current_end:
             if end > current_end:
@@ -499,16 +527,19 @@ def compute_stats(reconciled: Reconciled) -> dict[str, Any]:
                 second_end = end
         i = j
 
+    all_talk = sum(talk)
     speakers: list[dict[str, Any]] = [
         {
-            "speaker": label,
-            "name": reconciled.names[sid],
-            "talk_time_ms": talk[sid],
-            "turns": turns[sid],
-            "longest_monologue_ms": longest[sid],
-            "interruptions": interruptions[sid],
+            "speaker": person.label,
+            "name": person.name,
+            "labels": list(person.labels),
+            "talk_time_ms": talk[pid],
+            "talk_share": round(talk[pid] / all_talk, 4) if all_talk else 0.0,
+            "turns": turns[pid],
+            "longest_monologue_ms": longest[pid],
+            "interruptions": interruptions[pid],
         }
-        for sid, label in enumerate(state.labels)
+        for pid, person in enumerate(people.people)
     ]
     speakers.sort(key=lambda entry: (-entry["talk_time_ms"], entry["speaker"]))
     totals = {
@@ -551,7 +582,8 @@ def _overlap_ms(starts: array[int], ends: array[int]) -> int:
     return overlap
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_text(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
@@ -564,7 +596,8 @@ def build_timeline(reconciled: Reconciled, limit: int = 1000) -> list[dict[str, 
     * ``{"kind": "participant_joined" | "participant_left", "name", "seq"}``
     * ``{"kind": "note", "text", "seq"}`` (text clipped to :data:`NOTE_TEXT_CHARS`)
     * ``{"kind": "turn", "speaker", "name", "end_ms", "duration_ms", "utterances",
-      "text"}`` where ``text`` is the start of the turn's first utterance.
+      "text"}``: a person's turn (which may span several of their labels); ``speaker``
+      is the label of its first utterance and ``text`` that utterance's start.
     * when entries were left out, the last entry is
       ``{"kind": "truncated", "omitted": N, "at_ms"}`` (``at_ms`` of the first omitted
       entry), and the list still holds at most ``limit`` entries.
@@ -600,7 +633,7 @@ def build_timeline(reconciled: Reconciled, limit: int = 1000) -> list[dict[str, 
         entry = {
             "at_ms": at,
             "kind": "note",
-            "text": _clip(note.text, NOTE_TEXT_CHARS),
+            "text": clip_text(note.text, NOTE_TEXT_CHARS),
             "seq": note.seq,
         }
         others.append((at, note.seq, entry))
@@ -628,132 +661,17 @@ def build_timeline(reconciled: Reconciled, limit: int = 1000) -> list[dict[str, 
 
 
 def _turn_entry(reconciled: Reconciled, turn: int, texts: list[str]) -> dict[str, Any]:
-    speaker = reconciled.turn_speakers[turn]
+    person = reconciled.people.people[reconciled.turn_speakers[turn]]
     start = reconciled.turn_starts[turn]
     end = reconciled.turn_ends[turn]
     first = reconciled.utterance_index(reconciled.turn_first[turn])
     return {
         "at_ms": start,
         "kind": "turn",
-        "speaker": reconciled.state.labels[speaker],
-        "name": reconciled.names[speaker],
+        "speaker": reconciled.state.labels[reconciled.state.speaker_ids[first]],
+        "name": person.name,
         "end_ms": end,
         "duration_ms": end - start,
         "utterances": reconciled.turn_sizes[turn],
-        "text": _clip(texts[first][: TIMELINE_TEXT_CHARS * 4], TIMELINE_TEXT_CHARS),
+        "text": clip_text(texts[first][: TIMELINE_TEXT_CHARS * 4], TIMELINE_TEXT_CHARS),
     }
-
-
-def _lines(
-    reconciled: Reconciled,
-    positions: Iterable[int],
-    line_chars: int,
-    backwards: bool = False,
-) -> Iterator[tuple[str, int]]:
-    """``Name: text`` lines over utterances at the given time-order positions.
-
-    Consecutive utterances of one speaker share a line until it reaches ``line_chars``.
-    Yields each line with the number of utterances it covers. With ``backwards`` the
-    positions run from late to early and each line's parts are put back in time order.
-    """
-    state = reconciled.state
-    speaker_ids, texts = state.speaker_ids, state.texts
-    speaker = -1
-    parts: list[str] = []
-    size = 0
-    covered = 0
-    for position in positions:
-        i = reconciled.utterance_index(position)
-        if speaker != speaker_ids[i] or size >= line_chars:
-            if covered:
-                yield (
-                    _line(reconciled.display_name(speaker), parts, line_chars, backwards),
-                    covered,
-                )
-            speaker = speaker_ids[i]
-            parts = []
-            size = 0
-            covered = 0
-        covered += 1
-        text = " ".join(texts[i][: line_chars * 2].split())
-        if text and size < line_chars:
-            parts.append(text)
-            size += len(text) + 1
-    if covered:
-        yield (
-            _line(reconciled.display_name(speaker), parts, line_chars, backwards),
-            covered,
-        )
-
-
-def _line(name: str, parts: list[str], line_chars: int, backwards: bool) -> str:
-    if backwards:
-        parts.reverse()
-    return _clip(f"{name}: {' '.join(parts)}", line_chars)
-
-
-def transcript_excerpt(reconciled: Reconciled, max_chars: int) -> str:
-    """A ``Name: text`` transcript of at most ``max_chars`` characters, for a prompt.
-
-    Speakers appear by name where known, else by label; consecutive utterances of one
-    speaker share a line (up to :data:`EXCERPT_LINE_CHARS`). When the whole transcript
-    does not fit, the excerpt keeps the opening (about two thirds of the budget) and the
-    close (the rest), joined by a ``[... N utterances omitted ...]`` line. The work done
-    is bounded by ``max_chars`` rather than by the session's length, except for runs of
-    empty utterances.
-    """
-    n = reconciled.utterance_count
-    if max_chars <= 0 or n == 0:
-        return ""
-    line_chars = min(EXCERPT_LINE_CHARS, max_chars)
-
-    head: list[tuple[str, int]] = []
-    used = 0
-    covered_total = 0
-    for line, covered in _lines(reconciled, range(n), line_chars):
-        cost = len(line) + (1 if head else 0)
-        if used + cost > max_chars:
-            break
-        head.append((line, covered))
-        used += cost
-        covered_total += covered
-    if covered_total == n:
-        return "\n".join(line for line, _ in head)
-
-    marker_room = len(f"[... {n} utterances omitted ...]") + 2
-    head_budget = max(0, max_chars - marker_room) * 2 // 3
-    kept: list[str] = []
-    kept_covered = 0
-    used = 0
-    for line, covered in head:
-        cost = len(line) + (1 if kept else 0)
-        if used + cost > head_budget:
-            break
-        kept.append(line)
-        kept_covered += covered
-        used += cost
-
-    tail_budget = max_chars - marker_room - used
-    tail: list[str] = []
-    tail_covered = 0
-    used_tail = 0
-    earlier = range(n - 1, kept_covered - 1, -1)
-    for line, covered in _lines(reconciled, earlier, line_chars, backwards=True):
-        cost = len(line) + 1
-        if used_tail + cost > tail_budget:
-            break
-        tail.append(line)
-        used_tail += cost
-        tail_covered += covered
-    tail.reverse()
-
-    if not kept and not tail:
-        # Not even one line fits beside the marker: show the start of the first line.
-        return _clip(
-            head[0][0] if head else next(_lines(reconciled, range(n), line_chars))[0],
-            max_chars,
-        )
-    omitted = n - kept_covered - tail_covered
-    if omitted == 0:
-        return "\n".join([*kept, *tail])
-    return "\n".join([*kept, f"[... {omitted} utterances omitted ...]", *tail])

@@ -33,6 +33,7 @@ from ballast.sessions.inference import (
     ResolveReply,
     RunBlocking,
 )
+from ballast.sessions.people import name_key
 
 # --- bounds -----------------------------------------------------------------------
 
@@ -234,17 +235,21 @@ class _Candidate:
 def resolve_speakers(data: ResolveInput) -> ResolveReply:
     """Map speaker labels to names from self-introductions (synchronous).
 
-    Labels in ``data.known`` keep their names and are returned unchanged; their names
-    are not given to anyone else. For the other labels, each introduction is a
-    candidate, ranked: a participant named in a strong form ("I'm", "I am", "my name
-    is", "call me", "X here"), then a participant after "this is", then an unlisted
-    capitalised name in a strong form, then in the weak form. Candidates are taken in
-    rank order, then in order of appearance; a label gets the first candidate whose
-    name is still free, so no two labels share a name.
+    Labels in ``data.known`` keep their names and are returned unchanged. For the other
+    labels, each introduction is a candidate, ranked: a participant named in a strong
+    form ("I'm", "I am", "my name is", "call me", "X here"), then a participant after
+    "this is", then an unlisted capitalised name in a strong form, then in the weak
+    form. Candidates are taken in rank order, then in order of appearance; a label gets
+    the first candidate whose name is still free, so no two labels are given one name
+    by guesswork. One exception makes speakers people: a name the client already gave
+    a label (``known``) goes to another label that introduces itself by it in a strong
+    form and is a listed participant: the same person speaking under a new label, as
+    after a dropped microphone.
     """
     participants = _Names(data.participants)
     mapping: dict[str, str] = {label: name for label, name in data.known.items() if label and name}
-    taken = {name.casefold() for name in mapping.values()}
+    reserved = {name.casefold() for name in mapping.values()}
+    taken = set(reserved)
     scanned: dict[str, int] = {}
     candidates: list[_Candidate] = []
     seen: set[tuple[str, str, int]] = set()
@@ -280,7 +285,9 @@ def resolve_speakers(data: ResolveInput) -> ResolveReply:
     candidates.sort(key=lambda c: (c.rank, c.order, c.position))
     for candidate in candidates:
         key = candidate.name.casefold()
-        if candidate.label in mapping or key in taken:
+        if candidate.label in mapping:
+            continue
+        if key in taken and not (candidate.rank == 0 and key in reserved):
             continue
         mapping[candidate.label] = candidate.name
         taken.add(key)
@@ -347,10 +354,17 @@ def _speaker_totals(
             for entry in listed
         ]
     else:
-        talk: dict[str, int] = {}
+        # No statistics: estimate per person (labels of the same name count once).
+        names = {label: name for label, name in data.speakers.items() if name}
+        talk: dict[str, _SpeakerTotals] = {}
         for label, start, end, _text in sample:
-            talk[label] = talk.get(label, 0) + max(0, end - start)
-        speakers = [_SpeakerTotals(label, None, ms) for label, ms in talk.items()]
+            name = names.get(label)
+            key = name_key(name) if name else "\0" + label
+            entry = talk.get(key)
+            if entry is None:
+                entry = talk[key] = _SpeakerTotals(label, name, 0)
+            entry.talk_ms += max(0, end - start)
+        speakers = list(talk.values())
     speakers.sort(key=lambda s: (-s.talk_ms, s.label))
 
     duration = totals.get("duration_ms") if isinstance(totals, dict) else None

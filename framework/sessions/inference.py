@@ -8,7 +8,7 @@ ignored, so a chatty model cannot corrupt stored data.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,11 +18,43 @@ from pydantic import BaseModel, ConfigDict, Field
 RunBlocking = Callable[..., Awaitable[Any]]
 
 
+#: One utterance: ``(speaker label, start_ms, end_ms, text)``.
+Utterance = tuple[str, int, int, str]
+
+
+@dataclass(slots=True)
+class TranscriptWindow:
+    """The two ends of a transcript: ``head`` (its first utterances), ``tail`` (its last,
+    after the head) and how many entries lie between them unread (``omitted``)."""
+
+    head: list[Utterance]
+    tail: list[Utterance] = field(default_factory=list)
+    omitted: int = 0
+
+    def labels(self) -> set[str]:
+        return {u[0] for u in self.head} | {u[0] for u in self.tail}
+
+
+class TranscriptSource(Protocol):
+    """A session's utterances in seq order, read from storage on demand.
+
+    Iterating reads every utterance and blocks: do it in a worker thread (the builtin
+    provider does, through ``run_blocking``). :meth:`window` reads only the two ends,
+    whatever the session's length: what a bounded prompt needs.
+    """
+
+    def __iter__(self) -> Iterator[Utterance]: ...
+
+    async def window(self, head: int, tail: int) -> TranscriptWindow:
+        """At most ``head`` utterances from the start and ``tail`` from the end."""
+        ...
+
+
 @dataclass(slots=True)
 class ResolveInput:
     session_id: str
     participants: list[str]
-    utterances: Sequence[tuple[str, int, int, str]]
+    utterances: Sequence[Utterance] | TranscriptSource
     known: dict[str, str] = field(default_factory=dict)
 
 

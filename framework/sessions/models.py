@@ -16,6 +16,9 @@ MAX_BATCH = 500
 MAX_TEXT = 20_000
 MAX_NAME = 200
 MAX_MS = 7 * 24 * 3600 * 1000  # a week of audio; anything longer is a client bug
+SESSION_PAGE_DEFAULT = 50
+SESSION_PAGE_MAX = 200
+MAX_WAIT_S = 30
 
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, min_length=1, max_length=64)]
 MutationId = Annotated[str, Field(pattern=MUTATION_ID_PATTERN, min_length=1, max_length=128)]
@@ -162,14 +165,29 @@ class Session(BaseModel):
     finalize: FinalizeJob | None
 
 
+class SessionPage(BaseModel):
+    """Sessions in creation order; pass ``next_after`` as ``after`` for the next page
+    (``null``: this was the last page)."""
+
+    sessions: list[Session]
+    next_after: str | None
+
+
 class ResolveResult(BaseModel):
     speakers: dict[str, str]
 
 
 class SpeakerStats(BaseModel):
+    """One person: labels that carry the same name are counted once (``labels``).
+
+    ``labels`` and ``talk_share`` (0..1) are absent from reports made before speakers
+    were people."""
+
     speaker: str
     name: str | None
+    labels: list[str] = []
     talk_time_ms: int
+    talk_share: float | None = None
     turns: int
     longest_monologue_ms: int
     interruptions: int
@@ -178,6 +196,15 @@ class SpeakerStats(BaseModel):
 class ActionItem(BaseModel):
     owner: str | None
     text: str
+
+
+class SpeakerNaming(BaseModel):
+    """How finalize named the labels the log left unnamed: ``inferred`` names, and
+    ``state`` ``complete``, ``partial`` (some labels gave no evidence) or
+    ``unavailable`` (inference failed; those labels are reported as labels)."""
+
+    state: Literal["complete", "partial", "unavailable"]
+    inferred: dict[str, str]
 
 
 class Report(BaseModel):
@@ -189,6 +216,7 @@ class Report(BaseModel):
     stats: dict[str, Any]
     speakers: list[SpeakerStats]
     timeline: list[dict[str, Any]]
+    speaker_naming: SpeakerNaming | None = None
     generated_at: str
 
 

@@ -9,16 +9,17 @@ module makes one logical call and judges what comes back.
 A model's reply is untrusted input: it is parsed strictly and validated against
 :class:`ResolveReply` / :class:`ReportReply`, and anything else becomes
 ``UpstreamError(kind="malformed")`` whose internal detail names what was wrong without
-echoing the reply (it may hold transcript text). The prompt is bounded and built
-deterministically, so the same session always sends the same request. The API key
+echoing the reply (it may hold transcript text). The prompts
+(:mod:`ballast.sessions.prompts`) are bounded, read only the ends of a transcript and
+are built in a worker thread, so a long session costs no more than a short one. The API key
 lives only in the outgoing ``Authorization`` header; it is kept out of reprs, errors
 and logs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -26,17 +27,11 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from ballast.errors import UpstreamError
-from ballast.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply
+from ballast.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply, RunBlocking
 from ballast.sessions.models import MAX_NAME
+from ballast.sessions.prompts import MAX_PROMPT_CHARS, report_prompt, resolve_prompt, window_rows
+from ballast.sessions.transcript import read_window
 from ballast.upstream import Upstream, UpstreamRequest, UpstreamResponse, response_error
-
-#: Upper bound on the user message, in characters (roughly 6k tokens).
-MAX_PROMPT_CHARS = 24_000
-#: Longest single transcript line or list entry in the prompt; longer ones are cut.
-MAX_LINE_CHARS = 1_000
-#: Share of the prompt that the lists before the transcript (participants, notes) may use.
-_HEADER_SHARE = 4
-_STATS_CHARS = 2_000
 
 RESOLVE_SYSTEM_PROMPT = """\
 task: resolve
@@ -103,7 +98,8 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, upstream: Upstream, *, base_url: str, model: str, api_key: str | None,
-                 timeout_ms: int, max_prompt_chars: int = MAX_PROMPT_CHARS) -> None:
+                 timeout_ms: int, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 run_blocking: RunBlocking | None = None) -> None:
         if not base_url.strip():
             raise ValueError("inference.base_url is empty; set it to the API root, "
                              "e.g. https://api.openai.com/v1")
@@ -116,6 +112,8 @@ class OpenAIProvider:
         self.model = model
         self.timeout_ms = timeout_ms
         self.max_prompt_chars = max_prompt_chars
+        # Prompts are built off the event loop: the app's executor, or a thread.
+        self._run_blocking: RunBlocking = run_blocking or asyncio.to_thread
         self._api_key = _Secret(api_key) if api_key else None
 
     def __repr__(self) -> str:
@@ -125,15 +123,17 @@ class OpenAIProvider:
 
     async def resolve(self, data: ResolveInput) -> ResolveReply:
         """Ask for a label -> name mapping; keep only labels that spoke, and real names."""
-        request = self._request("inference.resolve", RESOLVE_SYSTEM_PROMPT,
-                                resolve_prompt(data, self.max_prompt_chars))
+        rows = window_rows(self.max_prompt_chars)
+        window = await read_window(data.utterances, rows, rows)
+        prompt: str = await self._run_blocking(resolve_prompt, data, self.max_prompt_chars, window)
+        request = self._request("inference.resolve", RESOLVE_SYSTEM_PROMPT, prompt)
         obj, response = await self._ask(request)
         mapping = obj.get("mapping")
         if isinstance(mapping, dict):
             # "null" for a label the model could not place is a common, harmless answer.
             obj = {**obj, "mapping": {k: v for k, v in mapping.items() if v is not None}}
         reply = _validate(ResolveReply, obj, request, response)
-        labels = {label for label, *_ in data.utterances}
+        labels = window.labels()  # what the model saw: it can place no other label
         kept: dict[str, str] = {}
         for label, name in reply.mapping.items():
             label, name = label.strip(), " ".join(name.split())
@@ -143,8 +143,8 @@ class OpenAIProvider:
 
     async def report(self, data: ReportInput) -> ReportReply:
         """Ask for the summary, highlights and action items of a finalized session."""
-        request = self._request("inference.report", REPORT_SYSTEM_PROMPT,
-                                report_prompt(data, self.max_prompt_chars))
+        prompt: str = await self._run_blocking(report_prompt, data, self.max_prompt_chars)
+        request = self._request("inference.report", REPORT_SYSTEM_PROMPT, prompt)
         obj, response = await self._ask(request)
         return _validate(ReportReply, _tidy_report(obj), request, response)
 
@@ -245,137 +245,6 @@ def _tidy_report(obj: dict[str, Any]) -> dict[str, Any]:
             tidy.append(item)
         out["action_items"] = tidy
     return out
-
-
-# -- building the prompt -----------------------------------------------------------------
-
-
-def resolve_prompt(data: ResolveInput, limit: int = MAX_PROMPT_CHARS) -> str:
-    """Participants, known speakers and as much transcript as fits in ``limit`` chars.
-
-    When the transcript does not fit, every speaker's first lines are kept before
-    anyone's later ones: self-introductions come early, and each label needs evidence.
-    """
-    header = _header([
-        ("Participants", data.participants),
-        ("Known speakers", [f"{label}: {name}" for label, name in sorted(data.known.items())]),
-    ], limit // _HEADER_SHARE)
-    lines = [(label, text) for label, _, _, text in data.utterances]
-    return header + _transcript(lines, limit - len(header), _round_robin)
-
-
-def report_prompt(data: ReportInput, limit: int = MAX_PROMPT_CHARS) -> str:
-    """Title, participants, statistics, notes and as much transcript as fits.
-
-    Lines are labelled with resolved names where known. When the transcript does not
-    fit, its beginning and end are kept (context, then decisions and action items).
-    """
-    head = f"Title: {_clip(data.title)}\n" if data.title else ""
-    head += _header([("Participants", data.participants), ("Notes", data.notes)],
-                    limit // _HEADER_SHARE)
-    head += f"Statistics:\n{_stats(data.stats)}\n"
-    lines = [(data.speakers.get(label, label), text) for label, _, _, text in data.utterances]
-    return head + _transcript(lines, limit - len(head), _ends_first)
-
-
-def _clip(text: str, limit: int = MAX_LINE_CHARS) -> str:
-    """One line of at most ``limit`` chars: newlines would forge prompt structure."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _header(blocks: Iterable[tuple[str, Sequence[str]]], budget: int) -> str:
-    out = ""
-    for title, items in blocks:
-        if not items:
-            continue
-        block = f"{title}:\n"
-        for n, item in enumerate(items):
-            entry = f"- {_clip(item)}\n"
-            if len(out) + len(block) + len(entry) > budget:
-                block += f"- (and {len(items) - n} more)\n"
-                break
-            block += entry
-        out += block
-    return out
-
-
-def _stats(stats: Mapping[str, Any]) -> str:
-    whole = orjson.dumps(stats, default=str, option=orjson.OPT_SORT_KEYS).decode()
-    if len(whole) <= _STATS_CHARS:
-        return whole
-    parts = []
-    for key in sorted(stats, key=str):
-        part = f"{key}: {orjson.dumps(stats[key], default=str, option=orjson.OPT_SORT_KEYS).decode()}"
-        parts.append(part if len(part) <= _STATS_CHARS // 2 else f"{key}: (omitted)")
-    return _clip(" | ".join(parts), _STATS_CHARS)
-
-
-def _transcript(lines: Sequence[tuple[str, str]], budget: int,
-                priority: Callable[[Sequence[tuple[str, str]]], list[int]]) -> str:
-    """The ``Transcript:`` section within ``budget`` chars, omissions marked in place."""
-    rendered = [f"{_clip(label, 64)}: {_clip(text)}" for label, text in lines]
-    keep = [i for i, (_, text) in enumerate(lines) if text.strip()]
-    title = "Transcript:\n"
-    if not keep:
-        return title + "(empty)\n"
-    chosen: list[int] = []
-    used = len(title)
-    for i in priority([lines[i] for i in keep]):
-        cost = len(rendered[keep[i]]) + 1
-        if used + cost > budget:
-            break
-        chosen.append(keep[i])
-        used += cost
-    while True:
-        text = _render(title, rendered, keep, sorted(chosen))
-        if len(text) <= budget or not chosen:
-            return text
-        chosen.pop()  # the omission markers did not fit: give up the last line chosen
-
-
-def _render(title: str, rendered: Sequence[str], keep: Sequence[int], chosen: Sequence[int]) -> str:
-    out = [title]
-    picked = set(chosen)
-    gap = 0
-    for i in keep:
-        if i in picked:
-            if gap:
-                out.append(f"[... {gap} lines omitted ...]\n")
-                gap = 0
-            out.append(rendered[i] + "\n")
-        else:
-            gap += 1
-    if gap:
-        out.append(f"[... {gap} lines omitted ...]\n")
-    return "".join(out)
-
-
-def _round_robin(lines: Sequence[tuple[str, str]]) -> list[int]:
-    """Each speaker's first line, then each one's second line, and so on."""
-    by_label: dict[str, list[int]] = {}
-    for i, (label, _) in enumerate(lines):
-        by_label.setdefault(label, []).append(i)
-    order: list[int] = []
-    depth = 0
-    while len(order) < len(lines):
-        for indices in by_label.values():
-            if depth < len(indices):
-                order.append(indices[depth])
-        depth += 1
-    return order
-
-
-def _ends_first(lines: Sequence[tuple[str, str]]) -> list[int]:
-    """First line, last line, second line, second to last, ... towards the middle."""
-    order: list[int] = []
-    lo, hi = 0, len(lines) - 1
-    while lo <= hi:
-        order.append(lo)
-        if hi != lo:
-            order.append(hi)
-        lo, hi = lo + 1, hi - 1
-    return order
 
 
 __all__ = [

@@ -8,6 +8,7 @@ response in the request path. Every handler acts for the request's tenant
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
 from ballast.sessions.builtin import BuiltinProvider
 from ballast.sessions.inference import InferenceProvider
+from ballast.sessions.patience import run_blocking_for
 from ballast.sessions.service import SessionService
 from ballast.sessions.sqlite_store import SQLiteStore
 from ballast.sessions.store import SessionLimits
@@ -105,7 +107,39 @@ async def start_finalize(request: web.Request) -> web.Response:
 
 
 async def get_finalize(request: web.Request) -> web.Response:
-    return _json({"job": await request.app[SERVICE].get_job(tenant_of(request), _session_id(request))})
+    sid = _session_id(request)
+    wait = _wait_param(request)
+    service = request.app[SERVICE]
+    if wait is None:
+        return _json({"job": await service.get_job(tenant_of(request), sid)})
+    job = await service.wait_job(tenant_of(request), sid, wait, lambda: _connected(request))
+    return _json({"job": job})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    after = request.query.get("after")
+    if after is not None and not _SESSION_ID.match(after):
+        raise ClientError(f"Query parameter 'after' must be a session id ({m.SESSION_ID_PATTERN}).")
+    limit = _int_param(request, "limit", m.SESSION_PAGE_DEFAULT, 1, m.SESSION_PAGE_MAX)
+    return _json(await request.app[SERVICE].list_sessions(tenant_of(request), after, limit))
+
+
+def _wait_param(request: web.Request) -> float | None:
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= m.MAX_WAIT_S:  # also refuses nan
+        raise ClientError(f"Query parameter 'wait' must be a number of seconds from 0 to {m.MAX_WAIT_S}.")
+    return value
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 async def get_report(request: web.Request) -> web.Response:
@@ -115,7 +149,7 @@ async def get_report(request: web.Request) -> web.Response:
 def make_provider(app: web.Application) -> InferenceProvider:
     settings = app[CONFIG].settings.inference
     if settings.provider == "builtin":
-        return BuiltinProvider(app[EXECUTOR].run)
+        return BuiltinProvider(run_blocking_for(app[EXECUTOR]))
     from ballast.sessions.openai import OpenAIProvider
 
     if not settings.base_url:
@@ -123,7 +157,8 @@ def make_provider(app: web.Application) -> InferenceProvider:
     key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     register_secret(key)
     return OpenAIProvider(app[UPSTREAM], base_url=settings.base_url, model=settings.model,
-                          api_key=key, timeout_ms=settings.timeout_ms)
+                          api_key=key, timeout_ms=settings.timeout_ms,
+                          run_blocking=run_blocking_for(app[EXECUTOR]))
 
 
 def _failure_hook(app: web.Application) -> Any:
@@ -175,6 +210,7 @@ def setup_sessions(app: web.Application) -> None:
     app.cleanup_ctx.append(_sessions_ctx)
     r = app.router
     r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions", list_sessions)
     r.add_get("/v1/sessions/{session_id}", get_session)
     r.add_post("/v1/sessions/{session_id}/mutations", append_mutations)
     r.add_get("/v1/sessions/{session_id}/mutations", list_mutations)

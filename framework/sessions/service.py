@@ -32,11 +32,18 @@ from ballast.logging import get_logger
 from ballast.sessions import analysis
 from ballast.sessions.finalize import STAGES, FinalizeRunner, until_capacity
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
+from ballast.sessions.naming import Naming, name_unnamed
+from ballast.sessions.patience import patient
+from ballast.sessions.people import names_by_label
 from ballast.sessions.store import Lease, SessionRecord, Store, session_not_found
+from ballast.sessions.transcript import StoredTranscript
+from ballast.sessions.waiters import JobWaiters, wait_for
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")
 RESOLVE_UNAVAILABLE = "Speaker resolution temporarily unavailable"
+#: A waiting request answers this long before its own time budget runs out.
+WAIT_MARGIN_S = 0.5
 
 Key = tuple[str, str]  # (tenant, session_id)
 
@@ -58,6 +65,7 @@ class SessionService:
         self._jobs: dict[Key, asyncio.Task[None]] = {}
         self._live: dict[Key, JobContext] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.waiters: JobWaiters[Key] = JobWaiters()
         self._runner = FinalizeRunner(
             {"freeze": self._freeze, "drain": self._drain, "replay": self._replay,
              "reconcile": self._reconcile, "stats": self._stats, "events": self._events,
@@ -175,23 +183,21 @@ class SessionService:
         if record.state != "open":
             raise Conflict(f"Session '{session_id}' is {record.state}; speakers are resolved only "
                            "while it is open.")
-        utterances = await self.executor.run(self._utterances, tenant, session_id)
+        # Read on demand: a prompt reads the transcript's ends, the builtin streams it.
+        transcript = StoredTranscript(self.store, tenant, session_id, record.last_seq)
         try:
             reply = await self.provider.resolve(ResolveInput(
-                session_id, list(record.participants), utterances, dict(record.speakers)))
+                session_id, list(record.participants), transcript, dict(record.speakers)))
         except UpstreamError as exc:
             raise UpstreamError(RESOLVE_UNAVAILABLE, kind=exc.kind, upstream_status=exc.upstream_status,
                                 attempts=exc.attempts, internal=exc.internal) from exc
-        labels = {u[0] for u in utterances}
-        mapping = {k: v for k, v in reply.mapping.items() if k in labels and v}
+        # Providers answer only for labels they saw (or were told of), so no label that
+        # never spoke comes back.
+        mapping = {k: v for k, v in reply.mapping.items() if v}
         if mapping:
             await self.store.append(tenant, session_id, [{"type": "speakers_resolved", "mapping": mapping}])
         updated = await self._require(tenant, session_id)
         return {"speakers": updated.speakers}
-
-    def _utterances(self, tenant: str, session_id: str) -> list[tuple[str, int, int, str]]:
-        return [(r["speaker"], r["start_ms"], r["end_ms"], r["text"])
-                for r in self.store.iter_mutations(tenant, session_id) if r["type"] == "utterance"]
 
     # ---------------------------------------------------------------- finalize
 
@@ -208,6 +214,25 @@ class SessionService:
         if job is None:
             raise NotFound(f"Session '{session_id}' has no finalize job; POST to start one.")
         return job
+
+    async def wait_job(self, tenant: str, session_id: str, wait_s: float,
+                       wanted: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """The job, once it is no longer running or after ``wait_s`` seconds, whichever
+        comes first; the wait is cut short to fit the request's own time budget. When
+        ``wanted()`` turns false meanwhile (the client left), the job is not read again.
+
+        Woken by the end of a job this process runs; a job another process runs (after
+        a takeover) is seen when the wait is over.
+        """
+        with self.waiters.watching((tenant, session_id)) as ended:
+            job = await self.get_job(tenant, session_id)
+            if job["state"] != "running":
+                return job
+            left = budget.remaining()
+            if left is not None:
+                wait_s = min(wait_s, left - WAIT_MARGIN_S)
+            await wait_for(ended, wait_s)
+        return await self.get_job(tenant, session_id) if wanted() else job
 
     async def start_finalize(self, tenant: str, session_id: str) -> dict[str, Any]:
         """Start a finalize attempt, or return the job that runs (or has succeeded).
@@ -237,7 +262,9 @@ class SessionService:
         """Register the job and create its task, with no await in between."""
         key = (job.tenant, job.session_id)
         self._live[key] = job
-        with budget.unbounded():  # the job has its own budget, not the request's
+        # The job has its own budget, not the request's, and the blocking work done for
+        # it (the provider's included) waits for executor capacity rather than fail.
+        with budget.unbounded(), patient():
             self._jobs[key] = asyncio.create_task(self._execute(job, lease),
                                                   name=f"finalize:{job.session_id}")
 
@@ -252,6 +279,7 @@ class SessionService:
                 del self._live[key]
             if self._jobs.get(key) is asyncio.current_task():
                 del self._jobs[key]
+            self.waiters.notify(key)
 
     async def _job_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Blocking work of a finalize job, waiting for executor capacity within its budget."""
@@ -274,7 +302,9 @@ class SessionService:
                                     record.participants))
 
     async def _reconcile(self, job: JobContext) -> None:
-        job.data["reconciled"] = await self._job_blocking(analysis.reconcile, job.data.pop("state"))
+        state = job.data.pop("state")
+        naming = job.data["naming"] = await name_unnamed(self.provider, job.session_id, state)
+        job.data["reconciled"] = await self._job_blocking(analysis.reconcile, state, naming.inferred)
 
     async def _stats(self, job: JobContext) -> None:
         job.data["stats"] = await self._job_blocking(analysis.compute_stats, job.data["reconciled"])
@@ -286,10 +316,11 @@ class SessionService:
         record: SessionRecord = job.data["record"]
         rec = job.data["reconciled"]
         stats = job.data["stats"]
+        naming: Naming = job.data["naming"]
         data = ReportInput(
             session_id=job.session_id, title=record.title, participants=list(record.participants),
-            speakers=dict(rec.state.speakers), stats=stats, utterances=rec.utterances(),
-            notes=[n.text for n in rec.state.notes])
+            speakers=names_by_label({**naming.inferred, **rec.state.speakers}, rec.people),
+            stats=stats, utterances=rec.utterances(), notes=[n.text for n in rec.state.notes])
         # The builtin provider runs on the executor: wait for capacity like every stage.
         draft = await until_capacity(lambda: self.provider.report(data))
         job.data["report"] = {
@@ -298,6 +329,7 @@ class SessionService:
             "action_items": [{"owner": a.owner, "text": a.text} for a in draft.action_items],
             "stats": stats["totals"], "speakers": stats["speakers"],
             "timeline": job.data["timeline"],
+            "speaker_naming": naming.report_field(),
             "generated_at": datetime.now(UTC).isoformat(),
         }
 

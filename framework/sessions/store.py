@@ -206,8 +206,10 @@ def session_limit(session_id: str, what: str, limit: int) -> ClientError:
 
 
 def unknown_cursor(after: str) -> ClientError:
-    """The error for a listing cursor that names no session of the caller."""
-    return ClientError(f"Query parameter 'after' names no session of yours ({after[:64]!r}).")
+    """The error for a listing cursor that names no session of the caller: a 404, since
+    the request is well formed but refers to a session that is not there."""
+    return NotFound(f"Query parameter 'after' names no session of yours ({after[:64]!r}); "
+                    "pass a previous page's next_after.")
 
 
 class Store(Protocol):

@@ -349,8 +349,10 @@ def drive_first_run(base: str, fake: FakeUpstreamProcess, api_key: str) -> None:
     assert request("POST", f"{s}/cat/resolve")[0] == 502
     fake.script("reset", "reset", "reset")
     assert request("POST", f"{s}/cat/resolve")[0] == 502
-    # Finalize: a malformed model reply fails the report stage; the next attempt succeeds.
-    fake.script("malformed")
+    # Finalize: spk_1 has no name, so reconcile asks the model first; a malformed reply
+    # there leaves the label (naming unavailable), one in the report stage fails the job.
+    # The next attempt succeeds.
+    fake.script("malformed", "malformed")
     assert request("POST", f"{s}/cat/finalize")[0] == 202
     assert wait_job(base, "cat")["state"] == "failed"
     assert request("POST", f"{s}/cat/finalize")[0] == 202

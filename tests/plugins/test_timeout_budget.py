@@ -121,6 +121,7 @@ async def test_a_hung_report_stage_times_out_within_budget_and_finalize_can_run_
     config = make_config(tmp_path, fake, BALLAST__PLUGINS__TIMEOUT_BUDGET__FINALIZE_MS="1500")
     client = await start(aiohttp_client, config)
     await new_session(client, "s1")
+    fake.script(Step.ok())  # reconcile names the speakers; then the report hangs
     fake.default = Step.hang(3600)
     with capture_logs() as logs:
         resp = await client.post("/v1/sessions/s1/finalize")
@@ -135,7 +136,7 @@ async def test_a_hung_report_stage_times_out_within_budget_and_finalize_can_run_
     assert states["persist"] == "skipped"
     assert {states[s] for s in ("freeze", "drain", "replay", "reconcile", "stats", "events")} == {"succeeded"}
     assert job["error"]["title"] == "Finalize timed out"
-    assert fake.attempts == 1  # no retry was started past the budget
+    assert fake.attempts == 2  # resolve, then one report attempt: no retry past the budget
 
     [line] = events(logs, "finalize.timed_out")
     assert (line["session_id"], line["stage"], line["attempt"]) == ("s1", "report", 1)
@@ -171,9 +172,10 @@ async def test_a_finalize_job_has_its_own_budget_not_the_starting_requests(
     assert (await client.post("/v1/sessions/s1/finalize")).status == 202
     job = await finished_job(client, "s1")
     assert (job["state"], job["budget_ms"]) == ("succeeded", 60_000)
-    [(name, left)] = probe.seen
-    assert name == "inference.report"
-    assert left is not None and 50 < left <= 60
+    # reconcile names the speakers, then the report: both within the job's budget.
+    assert [name for name, _ in probe.seen] == ["inference.resolve", "inference.report"]
+    for _, left in probe.seen:
+        assert left is not None and 50 < left <= 60
 
 
 # --------------------------------------------------------------------------------------

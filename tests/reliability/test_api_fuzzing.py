@@ -62,6 +62,7 @@ SANITIZER_EXAMPLES = scale(200, 2000)
 #: Every operation the schema must describe (method and path, as schemathesis labels them).
 OPERATIONS = [
     "POST /v1/sessions",
+    "GET /v1/sessions",
     "GET /v1/sessions/{session_id}",
     "POST /v1/sessions/{session_id}/mutations",
     "GET /v1/sessions/{session_id}/mutations",

@@ -17,8 +17,8 @@ from ballast.sessions.analysis import (
     compute_stats,
     reconcile,
     replay,
-    transcript_excerpt,
 )
+from ballast.sessions.excerpt import transcript_excerpt
 from ballast.sessions.models import SpeakerStats
 
 Row = dict[str, Any]
@@ -255,7 +255,9 @@ def test_stats_of_one_speaker() -> None:
         {
             "speaker": "solo",
             "name": None,
+            "labels": ["solo"],
             "talk_time_ms": 4000,  # 1000..4000 (own overlap once) + 1000
+            "talk_share": 1.0,
             "turns": 2,
             "longest_monologue_ms": 3000,
             "interruptions": 0,
@@ -546,3 +548,54 @@ def test_scales_to_a_hundred_thousand_utterances() -> None:
     assert timeline[-1]["kind"] == "truncated"
     assert len(transcript_excerpt(rec, 20_000)) <= 20_000
     assert len(rec.utterances()) == 100_000
+
+
+# --- people -----------------------------------------------------------------------
+
+
+def test_labels_of_one_name_are_one_person_in_stats_turns_and_timeline() -> None:
+    log = (
+        Log()
+        .say("spk_0", 0, 4000, "Hi, I'm Alice.")
+        .say("spk_1", 4000, 6100, "Bob here.")
+        .say("spk_2", 6100, 9000, "Alice again.")
+        .say("spk_2", 9100, 9500, "Still me.")  # merges with the turn before
+        .rename("spk_0", "Alice")
+        .rename("spk_2", " alice ")  # the same name, spelled loosely
+        .rename("spk_1", "Bob")
+    )
+    rec = log.reconciled()
+    assert [(p.name, p.labels) for p in rec.people.people] == [("Alice", ["spk_0", "spk_2"]),
+                                                               ("Bob", ["spk_1"])]
+    stats = compute_stats(rec)
+    alice, bob = stats["speakers"]
+    assert alice == {"speaker": "spk_0", "name": "Alice", "labels": ["spk_0", "spk_2"],
+                     "talk_time_ms": 7300, "talk_share": round(7300 / 9400, 4), "turns": 2,
+                     "longest_monologue_ms": 4000, "interruptions": 0}
+    assert (bob["talk_time_ms"], bob["turns"], bob["talk_share"]) == (2100, 1, round(2100 / 9400, 4))
+    assert stats["totals"]["speaker_count"] == 2
+    assert stats["totals"]["turn_count"] == 3
+    turns = [(e["speaker"], e["name"], e["utterances"]) for e in build_timeline(rec) if e["kind"] == "turn"]
+    assert turns == [("spk_0", "Alice", 1), ("spk_1", "Bob", 1), ("spk_2", "Alice", 2)]
+
+
+def test_a_persons_overlapping_labels_count_once_and_do_not_interrupt_themselves() -> None:
+    rec = reconcile(replay(Log().say("a", 0, 1000).say("b", 500, 1500).rows),
+                    inferred={"a": "Carol", "b": "Carol"})
+    [carol] = compute_stats(rec)["speakers"]
+    assert (carol["labels"], carol["talk_time_ms"], carol["turns"], carol["interruptions"]) == (
+        ["a", "b"], 1500, 1, 0)
+    assert compute_stats(rec)["totals"]["overlap_ms"] == 0
+
+
+def test_inferred_names_fill_only_unnamed_labels() -> None:
+    state = replay(Log().say("a", 0, 10).say("b", 10, 20).rename("a", "Alice").rows)
+    rec = reconcile(state, inferred={"a": "Mallory", "b": "Bob"})
+    assert rec.names == ["Alice", "Bob"]
+    assert state.speakers == {"a": "Alice"}  # the log's names are untouched
+
+
+def test_excerpt_lines_join_a_persons_labels() -> None:
+    rec = reconcile(replay(Log().say("a", 0, 10, "one").say("b", 10, 20, "two").rows),
+                    inferred={"a": "Ann", "b": "Ann"})
+    assert transcript_excerpt(rec, 1000) == "Ann: one two"

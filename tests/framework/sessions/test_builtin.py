@@ -156,7 +156,18 @@ def test_known_labels_are_kept_and_their_names_reserved() -> None:
         known={"a": "Alice", "b": "Bob"},
     )
     assert mapping == {"a": "Alice", "b": "Bob", "c": "Carol"}
-    assert resolve([("c", "I'm Alice")], ["Alice"], known={"a": "Alice"}) == {"a": "Alice"}
+    # Guesswork does not take a known name: weak forms and unlisted names stay out.
+    assert resolve([("c", "This is Alice")], ["Alice"], known={"a": "Alice"}) == {"a": "Alice"}
+    assert resolve([("c", "I'm Zoe")], [], known={"a": "Zoe"}) == {"a": "Zoe"}
+
+
+def test_a_known_person_under_a_new_label_is_the_same_person() -> None:
+    # The client named spk_2 Alice; spk_0 introduces herself as Alice: one person, two labels.
+    mapping = resolve([("spk_0", "Hi, I'm Alice"), ("spk_1", "Bob here"), ("spk_2", "Alice again")],
+                      ["Alice", "Bob"], known={"spk_2": "Alice"})
+    assert mapping == {"spk_0": "Alice", "spk_1": "Bob", "spk_2": "Alice"}
+    # Two unnamed labels claiming one name: still the first only.
+    assert resolve([("a", "I'm Alice"), ("b", "I'm Alice")], ["Alice"]) == {"a": "Alice"}
 
 
 def test_only_the_start_of_each_speaker_is_searched() -> None:

@@ -63,7 +63,12 @@ def seed(base: str, sid: str) -> None:
     status, _, body = request("POST", f"{base}/v1/sessions",
                               {"session_id": sid, "participants": [{"name": "Ann"}, {"name": "Bob"}]})
     assert status == 201, body
-    status, _, body = request("POST", f"{base}/v1/sessions/{sid}/mutations", {"mutations": utterances(6)})
+    # Both speakers named: finalize then asks the model nothing but the report, so the
+    # scripted steps below are the report's.
+    names = [{"type": "speaker_renamed", "speaker": f"spk_{i}", "name": n}
+             for i, n in enumerate(["Ann", "Bob"])]
+    status, _, body = request("POST", f"{base}/v1/sessions/{sid}/mutations",
+                              {"mutations": [*utterances(6), *names]})
     assert status == 200, body
 
 
