@@ -47,7 +47,7 @@ import aiohttp
 from ballast import budget
 from ballast.errors import UpstreamError
 from ballast.logging import get_logger
-from ballast.resilience import UpstreamRegistry, UpstreamState
+from ballast.resilience import UpstreamRefused, UpstreamRegistry, UpstreamState
 from ballast.telemetry import Reason, Telemetry
 
 if TYPE_CHECKING:
@@ -268,6 +268,9 @@ def single_attempt_call(attempt_or_provider: Attempt | ClientProvider) -> Upstre
     async def call(request: UpstreamRequest) -> UpstreamResponse:
         try:
             response = await attempt(request)
+        except UpstreamRefused as refused:
+            log_refused(request, refused)
+            raise
         except UpstreamError as exc:
             log.error("upstream.failed", name=request.name, upstream=request.upstream,
                       attempts=exc.attempts if exc.attempts == 0 else 1, kind=exc.kind,
@@ -276,6 +279,12 @@ def single_attempt_call(attempt_or_provider: Attempt | ClientProvider) -> Upstre
         return UpstreamResponse(response.status, response.headers, response.body, attempts=1)
 
     return call
+
+
+def log_refused(request: UpstreamRequest, refused: UpstreamRefused) -> None:
+    """``upstream.refused``: a call answered by a local refusal, nothing sent upstream."""
+    log.warning("upstream.refused", name=request.name, upstream=request.upstream, kind=refused.kind,
+                retry_after_s=round(refused.retry_after_s, 3))
 
 
 def _cause_type(exc: BaseException) -> str | None:
@@ -372,6 +381,7 @@ __all__ = [
     "build_upstream",
     "compose",
     "compose_attempt",
+    "log_refused",
     "response_error",
     "send_attempt",
     "send_once",

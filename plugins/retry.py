@@ -74,6 +74,7 @@ from ballast.upstream import (
     ClientProvider,
     UpstreamRequest,
     UpstreamResponse,
+    log_refused,
     send_attempt,
 )
 
@@ -321,7 +322,7 @@ class RetryingCall:
                 response = await self.attempt(dataclasses.replace(request, attempt=number))
             except UpstreamRefused as refused:
                 if sent == 0:  # nothing reached the upstream: the refusal is the answer
-                    self._log_failed(request, 0, refused.kind, None, None, level="warning")
+                    log_refused(request, refused)
                     raise
                 self._denied.inc(request.upstream, refused.kind)
                 raise self._failed(request, sent, refused.kind, status, error,
@@ -374,17 +375,11 @@ class RetryingCall:
     def _failed(self, request: UpstreamRequest, sent: int, kind: str, status: int | None,
                 error: BaseException | None, why: str) -> UpstreamError:
         """Log ``upstream.failed`` and build the error to raise (502 on resolve)."""
-        self._log_failed(request, sent, kind, status, error)
+        log.error("upstream.failed", name=request.name, upstream=request.upstream, attempts=sent,
+                  kind=kind, status=status, error_type=_type_name(error))
         return UpstreamError(
             kind=kind, upstream_status=status, attempts=sent,
             internal=f"{request.name} ({_path(request.url)}): gave up after {sent} attempt(s): {why}")
-
-    @staticmethod
-    def _log_failed(request: UpstreamRequest, sent: int, kind: str, status: int | None,
-                    error: BaseException | None, *, level: str = "error") -> None:
-        (log.warning if level == "warning" else log.error)(
-            "upstream.failed", name=request.name, upstream=request.upstream, attempts=sent,
-            kind=kind, status=status, error_type=_type_name(error))
 
 
 def _type_name(error: BaseException | None) -> str | None:

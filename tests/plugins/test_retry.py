@@ -784,8 +784,10 @@ async def test_a_caller_that_cannot_wait_is_refused_with_503(
     assert (refused.kind, refused.status, refused.attempts) == ("cooldown", 503, 0)
     assert refused.headers["Retry-After"] == "3"
     assert fake.attempts == 1
-    [failed] = events(logs, "upstream.failed")
-    assert (failed["kind"], failed["attempts"], failed["log_level"]) == ("cooldown", 0, "warning")
+    [line] = events(logs, "upstream.refused")
+    assert (line["kind"], line["retry_after_s"], line["log_level"]) == ("cooldown", pytest.approx(3, abs=0.1),
+                                                                         "warning")
+    assert events(logs, "upstream.failed") == []
 
 
 async def test_a_cooldown_is_not_set_without_the_setting(
