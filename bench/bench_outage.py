@@ -6,7 +6,8 @@ loopback HTTP. Three upstream behaviours:
 * ``hard_down``: 503 to everything;
 * ``flapping_Ns``: down (503) and up in turns, N seconds each (50 % of the time down),
   for each N in ``--flap-s`` (one period shorter than the breaker's 5 s break, one not);
-* ``p10``: each attempt fails (503) with probability 0.1, drawn from a seeded generator.
+* ``p50``: each attempt fails (503) with probability 0.5 (flapping attempt by attempt);
+* ``p10``: each attempt fails (503) with probability 0.1 (drawn from a seeded generator).
 
 Calls go through exactly the server's outbound pipeline (``ballast.upstream.build_upstream``
 over ``load_settings`` + ``load_plugins``, i.e. ``config/default.toml``), with the default
@@ -77,9 +78,10 @@ async def scenario(name: str, config_name: str, *, rate: float, duration: float,
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
 
-    async with FakeUpstream(default=fault if name != "p10" else ok) as fake:
-        if name == "p10":
-            fake.script(*(fault if rng.random() < 0.1 else ok for _ in range(calls * 3)))
+    p = {"p10": 0.1, "p50": 0.5}.get(name)
+    async with FakeUpstream(default=fault if p is None else ok) as fake:
+        if p is not None:
+            fake.script(*(fault if rng.random() < p else ok for _ in range(calls * 3)))
         url = f"{fake.base_url}/chat/completions"
 
         async def flap() -> None:
@@ -130,7 +132,7 @@ async def scenario(name: str, config_name: str, *, rate: float, duration: float,
 def run(rate: float, duration: float, flaps: list[float], seed: int) -> dict[str, Any]:
     info = machine()
     rows = []
-    plan = [("hard_down", 0.0), *((f"flapping_{f:g}s", f) for f in flaps), ("p10", 0.0)]
+    plan = [("hard_down", 0.0), *((f"flapping_{f:g}s", f) for f in flaps), ("p50", 0.0), ("p10", 0.0)]
     for name, flap_s in plan:
         for config_name in CONFIGS:
             row = asyncio.run(scenario(name, config_name, rate=rate, duration=duration, flap_s=flap_s,
@@ -160,7 +162,8 @@ def run(rate: float, duration: float, flaps: list[float], seed: int) -> dict[str
         "machine": info,
         "method": {
             "upstream": "tests/fake_upstream.py FakeUpstream in process: hard_down (503 always), "
-                        f"flapping (N s down / N s up, N in {flaps}), p10 (independent 503 draws, p = 0.1)",
+                        f"flapping (N s down / N s up, N in {flaps}), p50 and p10 (independent 503 "
+                        "draws per attempt, p = 0.5 and 0.1)",
             "client": "load_settings + load_plugins + ballast.upstream.build_upstream; default "
                       "settings (backoff 0.5 s x2, 3 attempts); 'off' disables the breaker and "
                       "the retry budget",
