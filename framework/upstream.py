@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -238,18 +238,20 @@ def send_attempt(provider: ClientProvider, telemetry: Telemetry | None = None, *
     async def attempt(request: UpstreamRequest) -> UpstreamResponse:
         session = await provider.session()
         response: UpstreamResponse | None = None
-        error: BaseException | None = None
+        outcome = str(Reason.BUDGET)  # cancelled mid-attempt: the caller's budget ended it
         try:
             response = await send_once(session, request, max_response_bytes=max_response_bytes)
+            outcome = attempt_outcome(response, None)
             return response
         except UpstreamError as exc:
-            error = exc
+            # attempts == 0: refused before anything was sent, so not an attempt at all.
+            outcome = "" if exc.attempts == 0 else attempt_outcome(None, exc)
             raise
         finally:
             if provider.owns_sessions:
                 await session.close()
-            if error is None or getattr(error, "attempts", 1) > 0:
-                attempts.inc(request.upstream, attempt_outcome(response, error))
+            if outcome:
+                attempts.inc(request.upstream, outcome)
 
     return attempt
 
@@ -260,10 +262,8 @@ def single_attempt_call(attempt_or_provider: Attempt | ClientProvider) -> Upstre
     Its failures are logged as ``upstream.failed`` (a redirect with its status, never
     its ``Location``), as the ``retry`` plugin logs its own.
     """
-    if hasattr(attempt_or_provider, "session"):
-        attempt: Attempt = send_attempt(cast(ClientProvider, attempt_or_provider))
-    else:
-        attempt = attempt_or_provider
+    attempt: Attempt = (attempt_or_provider if callable(attempt_or_provider)
+                        else send_attempt(attempt_or_provider))
 
     async def call(request: UpstreamRequest) -> UpstreamResponse:
         try:
@@ -319,17 +319,16 @@ class Upstream:
         self._calls = (telemetry or Telemetry()).counter("ballast_upstream_calls_total")
 
     async def request(self, request: UpstreamRequest) -> UpstreamResponse:
-        response: UpstreamResponse | None = None
-        error: BaseException | None = None
+        outcome = str(Reason.BUDGET)  # cancelled: the caller's budget ended it
         try:
             response = await self.call(request)
+            outcome = attempt_outcome(response, None)
             return response
         except UpstreamError as exc:
-            error = exc
+            outcome = attempt_outcome(None, exc)
             raise
         finally:
-            if response is not None or error is not None:
-                self._calls.inc(request.upstream, attempt_outcome(response, error))
+            self._calls.inc(request.upstream, outcome)
 
     def state(self, request: UpstreamRequest) -> UpstreamState:
         """The shared state of the upstream ``request`` goes to."""

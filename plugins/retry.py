@@ -288,9 +288,8 @@ class RetryingCall:
     def __init__(self, attempt: Attempt | ClientProvider, settings: Settings | None = None, *,
                  upstreams: UpstreamRegistry | None = None, telemetry: Telemetry | None = None,
                  rng: Callable[[], float] = random.random) -> None:
-        if hasattr(attempt, "session"):  # a bare provider: send with no attempt wrappers
-            attempt = send_attempt(attempt, telemetry)  # type: ignore[arg-type]
-        self.attempt: Attempt = attempt  # type: ignore[assignment]
+        # A bare provider (tests, tools): attempts are plain sends, no attempt wrappers.
+        self.attempt: Attempt = attempt if callable(attempt) else send_attempt(attempt, telemetry)
         self.settings = settings or Settings()
         self.upstreams = upstreams if upstreams is not None else UpstreamRegistry()
         self._rng = rng

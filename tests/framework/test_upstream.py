@@ -3,6 +3,7 @@ pipeline's order, and the shared per-upstream registry."""
 
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -254,3 +255,20 @@ def test_an_upstream_failure_stays_502_when_republished() -> None:
     again = republished(failed, "Speaker resolution temporarily unavailable")
     assert (again.status, again.kind, again.attempts, again.upstream_status) == (502, "status", 3, 503)
     assert again.problem()["kind"] == "status" and "Retry-After" not in again.headers
+
+
+async def test_a_cancelled_call_is_still_counted(fake: FakeUpstream, provider: SharedClientProvider) -> None:
+    """A finalize budget cancels a hung attempt: the call and the attempt count, as ``budget``."""
+    telemetry = Telemetry()
+    exporter = RecordingExporter()
+    telemetry.attach(exporter)  # type: ignore[arg-type]
+    upstream = Upstream(single_attempt_call(send_attempt(provider, telemetry)), provider,
+                        telemetry=telemetry)
+    fake.default = Step.hang(30)
+    task = asyncio.create_task(upstream.request(request_to(fake)))
+    await fake.wait_for_attempts(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert exporter.count("ballast_upstream_attempts_total", "openai", "budget") == 1
+    assert exporter.count("ballast_upstream_calls_total", "openai", "budget") == 1
