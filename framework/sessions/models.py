@@ -175,6 +175,8 @@ class SessionPage(BaseModel):
 
 class ResolveResult(BaseModel):
     speakers: dict[str, str]
+    #: Present (true) only when the fallback answered instead of the configured provider.
+    degraded: bool = False
 
 
 class SpeakerStats(BaseModel):
@@ -218,6 +220,8 @@ class Report(BaseModel):
     timeline: list[dict[str, Any]]
     speaker_naming: SpeakerNaming | None = None
     generated_at: str
+    #: Present (true) only when the fallback wrote the summary instead of the configured provider.
+    degraded: bool = False
 
 
 class Problem(BaseModel):
@@ -229,3 +233,5 @@ class Problem(BaseModel):
     detail: str
     request_id: str
     errors: list[dict[str, Any]] | None = None
+    #: Upstream failures and refusals: the decision's reason code (ballast.telemetry.Reason).
+    kind: str | None = None

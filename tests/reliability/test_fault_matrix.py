@@ -92,8 +92,15 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     work = tmp_path_factory.mktemp(f"fault-matrix-{request.param}")
     auth_config, headers = auth_on(work) if request.param == "auth" else ("", {})
     with FakeUpstreamProcess() as fake:
-        server = ServerProcess(work, config=openai_config(fake.base_url) + auth_config,
-                               env={API_KEY_ENV: SECRET_API_KEY})
+        # The matrix plays one fault after another against one server and counts the
+        # attempts of each call on its own: the protections that remember across calls
+        # (the circuit breaker, the retry budget) are off here, or the sustained faults
+        # would open the breaker and spend the budget (tests/reliability/test_outage.py
+        # covers them).
+        server = ServerProcess(work, config=openai_config(
+                                   fake.base_url, extra="[plugins.circuit_breaker]\nenabled = false\n")
+                               + auth_config,
+                               env={API_KEY_ENV: SECRET_API_KEY, "BALLAST__PLUGINS__RETRY__BUDGET": "false"})
         with server:
             yield Rig(fake, server, Client(server.base_url, headers=headers))
         # After the server stopped: the whole log, every line it ever wrote.
