@@ -4,7 +4,8 @@ Inference upstreams fail transiently (429 rate limits, 502/503 from a busy gatew
 hung or reset connections), and a single attempt turns each of those blips into a
 failed request. But an upstream that is down for good gets every retry as extra load,
 exactly when it can least take it. This plugin supplies the upstream call (hook
-``ballast_upstream_call``) that retries, bounded per call *and* across calls:
+``ballast_upstream_call``) that retries through aiohttp-retry's ``RetryClient``,
+bounded per call *and* across calls:
 
 * **What is retried**: the statuses in ``statuses`` (default 429, 502, 503), timeouts
   and connection failures (attempt errors marked retryable by the send), except TLS
@@ -42,6 +43,31 @@ the last attempt saw. Each retry is logged as ``upstream.retry``. No line carrie
 headers or the URL, so the API key cannot leak through them. Metrics:
 ``ballast_upstream_retries_total`` and ``ballast_upstream_retries_denied_total``.
 
+How aiohttp-retry 2.9 drives the attempts (read its ``client.py``,
+``_RequestContext._do_request``):
+
+* ``RetryClient`` is given, as its "client session", a small attempt client whose
+  ``request(method, url, **kwargs)`` is one attempt through the framework's attempt
+  pipeline (circuit breaker, cooldown, any other attempt wrapper, then one send with
+  its per-attempt timeout, no redirects and a capped body). It answers with the
+  already-read response (status, headers, ``read``/``release``), so the body is read
+  inside the attempt's timeout and no connection is held while waiting.
+* The retry options (a ``RetryOptionsBase`` made per call) carry ``attempts``,
+  ``statuses`` and, as the only retried exception, a private wrapper for attempt
+  errors marked retryable (timeouts, connection failures). Anything else the attempt
+  raises (a redirect, an oversized body, a TLS error, a refusal by the breaker or
+  the cooldown, "no time left for an attempt") is not in that set, so aiohttp-retry
+  lets it through at once, unretried.
+* ``get_timeout`` decides every wait: ``Retry-After`` or the backoff, then the time
+  budget and the retry budget. To end the call without sleeping it raises a private
+  exception, which aiohttp-retry lets through. aiohttp-retry sleeps with
+  ``asyncio.sleep`` itself; so that waits go through this module's :data:`sleep`
+  (looked up per wait), the decided wait is handed back as 0 and slept by the attempt
+  client just before the attempt it precedes.
+* ``RetryClient.close()`` (and ``async with``) would close the object it was given, so
+  the client is made per call and never closed; aiohttp-retry's own logger is
+  silenced (its lines repr exceptions, and ours say all that matters).
+
 Disabled: each upstream call makes exactly one attempt; no budget, no cooldown.
 """
 
@@ -56,7 +82,10 @@ import re
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, cast
 
+import aiohttp
+from aiohttp_retry import RetryClient, RetryOptionsBase
 from pydantic import Field, field_validator
 from yarl import URL
 
@@ -279,8 +308,189 @@ def cooldown_wrapper(upstreams: UpstreamRegistry) -> Callable[[Attempt], Attempt
 
 
 # --------------------------------------------------------------------------------------
-# one logical call
+# one logical call: aiohttp-retry drives the attempts
 # --------------------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may not repeat (timeout, connection).
+
+    The one exception type the call's retry options list, so aiohttp-retry retries
+    exactly these; every other exception (a non-retryable :class:`AttemptError`, an
+    :class:`UpstreamRefused`, "no time left") ends the call at once.
+    """
+
+    def __init__(self, error: AttemptError) -> None:
+        super().__init__(error.kind)
+        self.error = error
+
+
+class _Stop(Exception):
+    """Raised by :meth:`_CallPolicy.get_timeout` instead of a wait: the call ends unslept.
+
+    Not a retried exception, so aiohttp-retry lets it through (it is raised from
+    ``get_timeout``, outside the ``try`` that retries, or inside its ``except`` block).
+    """
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(why)
+        self.kind = kind
+        self.why = why
+
+
+class _Quiet:
+    """aiohttp-retry's logger, silenced: its lines repr exceptions, and say nothing ours don't."""
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_QUIET = _Quiet()
+
+
+class _Answer:
+    """An attempt's response as aiohttp-retry sees it: already read whole by the send.
+
+    aiohttp-retry reads ``method`` and ``status``, and may ``close`` it; nothing holds a
+    connection any more (the send released it after the read), so ``release`` and
+    ``close`` free nothing.
+    """
+
+    def __init__(self, method: str, response: UpstreamResponse) -> None:
+        self.method = method
+        self.response = response
+        self.status = response.status
+        self.headers = response.headers
+        self.closed = False
+
+    async def read(self) -> bytes:
+        return self.response.body
+
+    def release(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _CallPolicy(RetryOptionsBase):
+    """aiohttp-retry's retry options for one call, with what that call has seen so far.
+
+    aiohttp-retry decides *whether* to retry from ``attempts``, ``statuses``,
+    ``methods`` and ``exceptions``; :meth:`get_timeout` decides *how long* to wait, or
+    that the call ends now (time budget, retry budget) by raising :class:`_Stop`.
+    """
+
+    def __init__(self, call: RetryingCall, request: UpstreamRequest, state: UpstreamState) -> None:
+        s = call.settings
+        super().__init__(
+            attempts=s.attempts,
+            statuses=set(s.statuses),
+            exceptions={_Retryable},
+            methods={request.method},  # any method is retried, as the caller asked for it
+            retry_all_server_errors=False,
+        )
+        self.call = call
+        self.request = request
+        self.state = state
+        self.retry_budget = call.budget_of(state) if s.budget else None
+        #: Attempts started, attempts that reached the upstream.
+        self.number = 0
+        self.sent = 0
+        #: What the last attempt sent saw: its status or error, and the reason code.
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.kind: str = Reason.STATUS
+        self.retry_after: float | None = None
+        #: The wait decided after the last failed attempt, slept before the next one.
+        self.wait = 0.0
+
+    def reached(self) -> None:
+        """One more attempt reached the upstream; the call's first one earns the budget a deposit."""
+        self.sent += 1
+        if self.sent == 1 and self.retry_budget is not None:
+            self.retry_budget.deposit()  # only calls that reached the upstream earn retries
+
+    def get_timeout(self, attempt: int, response: Any = None) -> float:
+        """The wait after failed attempt ``attempt``, or :class:`_Stop` to end the call now.
+
+        The wait is handed back as 0 and slept by the attempt client right before the
+        next attempt (see the module docstring); aiohttp-retry's own sleep only yields.
+        """
+        s = self.call.settings
+        if self.retry_after is not None:
+            delay = min(self.retry_after, s.max_retry_after_s)
+        else:
+            delay = backoff_delay(attempt, start_s=s.start_timeout_s, factor=s.factor,
+                                  cap_s=s.max_timeout_s, jitter=s.jitter, rng=self.call.rng)
+        request, upstream = self.request, self.request.upstream
+        left = budget.remaining()
+        if left is not None and delay >= left:
+            self.call.denied.inc(upstream, Reason.BUDGET)
+            raise _Stop(Reason.BUDGET, f"next wait of {delay:.3f}s outlasts the {max(left, 0):.3f}s left")
+        if self.retry_budget is not None and not self.retry_budget.try_withdraw():
+            calls, retries = self.retry_budget.counts()
+            log.warning("upstream.retry_denied", name=request.name, upstream=upstream,
+                        attempt=attempt, kind=Reason.BUDGET_EXHAUSTED, status=self.status,
+                        error_type=_type_name(self.error), window_calls=calls,
+                        window_retries=retries)
+            self.call.denied.inc(upstream, Reason.BUDGET_EXHAUSTED)
+            raise _Stop(Reason.BUDGET_EXHAUSTED, "the retry budget is spent")
+        log.warning("upstream.retry", name=request.name, upstream=upstream, attempt=attempt,
+                    status=self.status, error_type=_type_name(self.error), delay_ms=_ms(delay),
+                    remaining_ms=None if left is None else _ms(max(left, 0.0)))
+        self.call.retries.inc(upstream, self.kind)
+        self.wait = delay
+        return 0.0
+
+
+class _AttemptClient:
+    """The "client session" aiohttp-retry sends with: each request is one attempt.
+
+    ``request`` sleeps the wait decided before it, then sends through the attempt
+    pipeline (attempt wrappers around one send), records what happened on the policy,
+    and answers with an :class:`_Answer` or raises: :class:`_Retryable` for a failure
+    worth another attempt, the attempt's own error otherwise.
+    """
+
+    def __init__(self, attempt: Attempt, policy: _CallPolicy) -> None:
+        self._attempt = attempt
+        self._policy = policy
+
+    async def request(self, method: str, url: Any, **kwargs: Any) -> _Answer:
+        policy = self._policy
+        if policy.wait:
+            delay, policy.wait = policy.wait, 0.0
+            await sleep(delay)
+        policy.number += 1  # aiohttp-retry's count too: one request per attempt
+        try:
+            response = await self._attempt(dataclasses.replace(policy.request, attempt=policy.number))
+        except UpstreamRefused:
+            raise  # never sent: never retried
+        except UpstreamError as exc:
+            if exc.attempts == 0:  # not sent (no time left for it)
+                raise
+            policy.reached()
+            policy.status, policy.error = exc.upstream_status, exc.__cause__ or exc
+            policy.kind, policy.retry_after = exc.kind, None
+            if isinstance(exc, AttemptError) and exc.retryable:
+                raise _Retryable(exc) from exc
+            raise
+        policy.reached()
+        if response.status in policy.statuses:
+            s = self._policy.call.settings
+            policy.status, policy.error, policy.kind = response.status, None, Reason.STATUS
+            policy.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if policy.retry_after is not None and s.shared_cooldown and \
+                    response.status in COOLDOWN_STATUSES:
+                policy.state.cool_down(min(policy.retry_after, s.max_retry_after_s))
+        return _Answer(method, response)
 
 
 class RetryingCall:
@@ -293,12 +503,13 @@ class RetryingCall:
         self.attempt: Attempt = attempt if callable(attempt) else send_attempt(attempt, telemetry)
         self.settings = settings or Settings()
         self.upstreams = upstreams if upstreams is not None else UpstreamRegistry()
-        self._rng = rng
+        self.rng = rng
         telemetry = telemetry or Telemetry()
-        self._retries = telemetry.counter("ballast_upstream_retries_total")
-        self._denied = telemetry.counter("ballast_upstream_retries_denied_total")
+        self.retries = telemetry.counter("ballast_upstream_retries_total")
+        self.denied = telemetry.counter("ballast_upstream_retries_denied_total")
 
-    def _budget(self, state: UpstreamState) -> RetryBudget:
+    def budget_of(self, state: UpstreamState) -> RetryBudget:
+        """The retry budget of ``state``'s upstream, made on first use."""
         s = self.settings
         return state.slot(BUDGET_SLOT, lambda st: RetryBudget(
             ratio=s.budget_ratio, window_s=s.budget_window_s,
@@ -308,71 +519,35 @@ class RetryingCall:
         s = self.settings
         if s.attempt_timeout_s is not None:
             request = dataclasses.replace(request, attempt_timeout_s=s.attempt_timeout_s)
-        state = self.upstreams.for_url(request.upstream, request.url)
-        retry_budget = self._budget(state) if s.budget else None
-        sent = 0
-        status: int | None = None
-        error: BaseException | None = None
-        number = 0
-        while True:
-            number += 1
-            try:
-                response = await self.attempt(dataclasses.replace(request, attempt=number))
-            except UpstreamRefused as refused:
-                if sent == 0:  # nothing reached the upstream: the refusal is the answer
-                    log_refused(request, refused)
-                    raise
-                self._denied.inc(request.upstream, refused.kind)
-                raise self._failed(request, sent, refused.kind, status, error,
-                                   f"attempt {number} refused ({refused.kind})") from refused
-            except UpstreamError as exc:
-                if exc.attempts == 0:  # not sent (no time left for it)
-                    raise self._failed(request, sent, exc.kind, status, error,
-                                       "no time left for another attempt") from exc
-                sent += 1
-                if sent == 1 and retry_budget is not None:
-                    retry_budget.deposit()  # only calls that reached the upstream earn retries
-                status, error = exc.upstream_status, exc.__cause__ or exc
-                if not (isinstance(exc, AttemptError) and exc.retryable):
-                    raise self._failed(request, sent, exc.kind, status, error,
-                                       exc.internal) from exc
-                kind: str = exc.kind
-                retry_after: float | None = None
-            else:
-                sent += 1
-                if sent == 1 and retry_budget is not None:
-                    retry_budget.deposit()
-                if response.status not in s.statuses:
-                    return UpstreamResponse(response.status, response.headers, response.body,
-                                            attempts=sent)
-                status, error, kind = response.status, None, Reason.STATUS
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                if retry_after is not None and s.shared_cooldown and status in COOLDOWN_STATUSES:
-                    state.cool_down(min(retry_after, s.max_retry_after_s))
-            if number >= s.attempts:
-                raise self._failed(request, sent, kind, status, error, f"answered {status}"
-                                   if error is None else type(error).__name__)
-            delay = (min(retry_after, s.max_retry_after_s) if retry_after is not None else
-                     backoff_delay(number, start_s=s.start_timeout_s, factor=s.factor,
-                                   cap_s=s.max_timeout_s, jitter=s.jitter, rng=self._rng))
-            left = budget.remaining()
-            if left is not None and delay >= left:
-                self._denied.inc(request.upstream, Reason.BUDGET)
-                raise self._failed(request, sent, Reason.BUDGET, status, error,
-                                   f"next wait of {delay:.3f}s outlasts the {max(left, 0):.3f}s left")
-            if retry_budget is not None and not retry_budget.try_withdraw():
-                calls, retries = retry_budget.counts()
-                log.warning("upstream.retry_denied", name=request.name, upstream=request.upstream,
-                            attempt=number, kind=Reason.BUDGET_EXHAUSTED, status=status,
-                            error_type=_type_name(error), window_calls=calls, window_retries=retries)
-                self._denied.inc(request.upstream, Reason.BUDGET_EXHAUSTED)
-                raise self._failed(request, sent, Reason.BUDGET_EXHAUSTED, status, error,
-                                   "the retry budget is spent")
-            log.warning("upstream.retry", name=request.name, upstream=request.upstream, attempt=number,
-                        status=status, error_type=_type_name(error), delay_ms=_ms(delay),
-                        remaining_ms=None if left is None else _ms(max(left, 0.0)))
-            self._retries.inc(request.upstream, kind)
-            await sleep(delay)
+        policy = _CallPolicy(self, request, self.upstreams.for_url(request.upstream, request.url))
+        # Made per call and never closed: RetryClient.close() would close its "session".
+        client = RetryClient(client_session=cast(aiohttp.ClientSession, _AttemptClient(self.attempt, policy)),
+                             logger=_QUIET, retry_options=policy)
+        p = policy
+        try:
+            answer = cast(_Answer, await client.request(request.method, request.url))
+        except UpstreamRefused as refused:
+            if p.sent == 0:  # nothing reached the upstream: the refusal is the answer
+                log_refused(request, refused)
+                raise
+            self.denied.inc(request.upstream, refused.kind)
+            raise self._failed(request, p.sent, refused.kind, p.status, p.error,
+                               f"attempt {p.number} refused ({refused.kind})") from refused
+        except _Retryable as last:  # the last attempt failed too
+            raise self._failed(request, p.sent, last.error.kind, p.status, p.error,
+                               type(p.error or last.error).__name__) from None
+        except _Stop as stop:
+            raise self._failed(request, p.sent, stop.kind, p.status, p.error, stop.why) from None
+        except UpstreamError as exc:
+            if exc.attempts == 0:  # not sent (no time left for it)
+                raise self._failed(request, p.sent, exc.kind, p.status, p.error,
+                                   "no time left for another attempt") from exc
+            raise self._failed(request, p.sent, exc.kind, p.status, p.error, exc.internal) from exc
+        response = answer.response
+        if response.status in s.statuses:  # the last attempt answered a retried status
+            raise self._failed(request, p.sent, Reason.STATUS, response.status, None,
+                               f"answered {response.status}")
+        return UpstreamResponse(response.status, response.headers, response.body, attempts=p.sent)
 
     def _failed(self, request: UpstreamRequest, sent: int, kind: str, status: int | None,
                 error: BaseException | None, why: str) -> UpstreamError:

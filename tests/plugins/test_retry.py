@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp_retry.client
 import pytest
 import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
@@ -123,6 +124,35 @@ async def test_503_503_200_succeeds_on_the_third_attempt(fake: FakeUpstream,
     assert fake.attempts == 3
     body = json.loads(response.body)
     assert body["object"] == "chat.completion"
+
+
+async def test_aiohttp_retry_drives_the_attempts(fake: FakeUpstream, make_call: Callable[..., Call],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry loop is aiohttp-retry's: one of its request contexts per call, the waits
+    decided by the plugin's retry options."""
+    runs: list[int] = []
+    waits: list[tuple[int, float]] = []
+    do_request = aiohttp_retry.client._RequestContext._do_request
+
+    async def counted(self: Any) -> Any:
+        runs.append(self._retry_options.attempts)
+        options = self._retry_options
+        decide = options.get_timeout
+
+        def recorded(attempt: int, response: Any = None) -> float:
+            wait = decide(attempt, response)
+            waits.append((attempt, options.wait))
+            return wait
+
+        monkeypatch.setattr(options, "get_timeout", recorded)
+        return await do_request(self)
+
+    monkeypatch.setattr(aiohttp_retry.client._RequestContext, "_do_request", counted)
+    fake.script("503", "reset", "ok")
+    response = await make_call()(completion(fake))
+    assert (response.status, response.attempts, fake.attempts) == (200, 3, 3)
+    assert runs == [3]
+    assert waits == [(1, 0.01), (2, 0.02)]
 
 
 @pytest.mark.parametrize("code", [429, 502, 503])
