@@ -25,6 +25,7 @@ import aiohttp
 
 from ballast import budget
 from ballast.errors import UpstreamError
+from ballast.telemetry import Reason, Telemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +108,48 @@ async def send_once(session: aiohttp.ClientSession, request: UpstreamRequest) ->
                             internal=f"{request.name}: {type(exc).__name__}: {exc}") from exc
 
 
-def single_attempt_call(provider: ClientProvider) -> UpstreamCall:
+def upstream_label(request: UpstreamRequest) -> str:
+    """The ``upstream`` metric label of a request: its name's first part ("inference")."""
+    return request.name.partition(".")[0] or "upstream"
+
+
+def attempt_outcome(status: int | None, error: BaseException | None) -> str:
+    """How one attempt ended, as a metric label: ``ok`` or a :class:`~ballast.telemetry.Reason`.
+
+    A response is ``ok`` unless it is a 429 or a 5xx (``status``); an exception is a
+    ``timeout`` or, for anything else, a ``connection`` failure.
+    """
+    if error is not None:
+        if isinstance(error, UpstreamError):
+            return error.kind
+        return Reason.TIMEOUT if isinstance(error, TimeoutError) else Reason.CONNECTION
+    if status is not None and (status == 429 or status >= 500):
+        return Reason.STATUS
+    return "ok"
+
+
+def single_attempt_call(provider: ClientProvider, telemetry: Telemetry | None = None) -> UpstreamCall:
     """The core's default upstream call: exactly one attempt, no retry."""
+    tel = telemetry or Telemetry()
+    calls = tel.counter("ballast_upstream_calls_total")
+    attempts = tel.counter("ballast_upstream_attempts_total")
 
     async def call(request: UpstreamRequest) -> UpstreamResponse:
         session = await provider.session()
         try:
-            return await send_once(session, request)
+            response = await send_once(session, request)
+        except UpstreamError as exc:
+            if exc.kind != Reason.BUDGET:  # refused before it was sent: no attempt
+                attempts.inc(upstream_label(request), exc.kind)
+            calls.inc(upstream_label(request), exc.kind)
+            raise
         finally:
             if provider.owns_sessions:
                 await session.close()
+        outcome = attempt_outcome(response.status, None)
+        attempts.inc(upstream_label(request), outcome)
+        calls.inc(upstream_label(request), outcome)
+        return response
 
     return call
 
@@ -156,10 +189,12 @@ __all__ = [
     "UpstreamRequest",
     "UpstreamResponse",
     "UpstreamWrapper",
+    "attempt_outcome",
     "attempt_timeout",
     "compose",
     "response_error",
     "send_once",
     "single_attempt_call",
+    "upstream_label",
 ]
 

@@ -81,7 +81,15 @@ from ballast.config import Config, PluginSection
 from ballast.errors import UpstreamError
 from ballast.hookspecs import hookimpl
 from ballast.logging import get_logger
-from ballast.upstream import ClientProvider, UpstreamRequest, UpstreamResponse, attempt_timeout
+from ballast.telemetry import Counter, Telemetry
+from ballast.upstream import (
+    ClientProvider,
+    UpstreamRequest,
+    UpstreamResponse,
+    attempt_outcome,
+    attempt_timeout,
+    upstream_label,
+)
 
 log = get_logger("ballast.retry")
 
@@ -223,11 +231,23 @@ async def _read_body(response: aiohttp.ClientResponse) -> bool:
     return True
 
 
+class _Instruments:
+    """The upstream counters, taken once per app at build."""
+
+    __slots__ = ("attempts", "calls", "denied", "retries")
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.calls: Counter = telemetry.counter("ballast_upstream_calls_total")
+        self.attempts: Counter = telemetry.counter("ballast_upstream_attempts_total")
+        self.retries: Counter = telemetry.counter("ballast_upstream_retries_total")
+        self.denied: Counter = telemetry.counter("ballast_upstream_retries_denied_total")
+
+
 class _CallPolicy(RetryOptionsBase):
     """The retry policy of one call, with that call's state (attempts sent, last failure)."""
 
     def __init__(self, request: UpstreamRequest, settings: Settings,
-                 rng: Callable[[], float]) -> None:
+                 rng: Callable[[], float], instruments: _Instruments) -> None:
         super().__init__(
             attempts=settings.attempts,
             statuses=set(settings.statuses),
@@ -238,6 +258,8 @@ class _CallPolicy(RetryOptionsBase):
         self.request = request
         self.settings = settings
         self.rng = rng
+        self.metrics = instruments
+        self.upstream = upstream_label(request)
         #: Attempts actually started.
         self.sent = 0
         #: What the last retried attempt saw: its status, or its exception.
@@ -249,8 +271,12 @@ class _CallPolicy(RetryOptionsBase):
         try:
             timeout = attempt_timeout(self.request)
         except UpstreamError as exc:
+            if self.sent:
+                self.metrics.denied.inc(self.upstream, "budget")
             raise _Stop("budget", "no time left for another attempt", self.last_status,
                         self.last_error) from exc
+        if self.sent:
+            self.metrics.retries.inc(self.upstream, attempt_outcome(self.last_status, self.last_error))
         self.sent += 1
         return RequestParams(
             method=self.request.method,
@@ -271,8 +297,10 @@ class _CallPolicy(RetryOptionsBase):
         else:
             # aiohttp-retry calls this from inside its ``except`` block for the failure.
             error = sys.exc_info()[1]
-            if isinstance(error, NEVER_RETRIED_EXCEPTIONS):
-                raise _Stop("connection", "not worth retrying", None, error)
+        # Every attempt that may be retried ends here; the last one in RetryingCall._send.
+        self.metrics.attempts.inc(self.upstream, attempt_outcome(status, error))
+        if response is None and isinstance(error, NEVER_RETRIED_EXCEPTIONS):
+            raise _Stop("connection", "not worth retrying", None, error)
         self.last_status, self.last_error = status, error
 
         s = self.settings
@@ -283,6 +311,7 @@ class _CallPolicy(RetryOptionsBase):
                                   cap_s=s.max_timeout_s, jitter=s.jitter, rng=self.rng)
         left = budget.remaining()
         if left is not None and delay >= left:
+            self.metrics.denied.inc(self.upstream, "budget")
             raise _Stop("budget", f"next wait of {delay:.3f}s outlasts the {max(left, 0):.3f}s left",
                         status, error)
         log.warning("upstream.retry", name=self.request.name, attempt=attempt, status=status,
@@ -319,10 +348,11 @@ class RetryingCall:
     """The upstream call this plugin supplies: ``await call(request) -> UpstreamResponse``."""
 
     def __init__(self, provider: ClientProvider, settings: Settings | None = None, *,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, telemetry: Telemetry | None = None) -> None:
         self.provider = provider
         self.settings = settings or Settings()
         self._rng = rng
+        self._metrics = _Instruments(telemetry or Telemetry())
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
         if self.settings.attempt_timeout_s is not None:
@@ -335,24 +365,31 @@ class RetryingCall:
                 await session.close()
 
     async def _send(self, session: aiohttp.ClientSession, request: UpstreamRequest) -> UpstreamResponse:
-        policy = _CallPolicy(request, self.settings, self._rng)
+        policy = _CallPolicy(request, self.settings, self._rng, self._metrics)
         # Never closed, never used as a context manager: either would close ``session``.
         client = RetryClient(client_session=session, logger=_QUIET, retry_options=policy)
         try:
             async with client.requests(_AttemptParams(policy)) as response:
                 if response.status in self.settings.statuses:
                     response.release()
+                    self._metrics.attempts.inc(policy.upstream, "status")
                     raise self._failed(policy, "status", f"answered {response.status}",
                                        status=response.status)
                 body = await response.read()  # the last attempt: still under its timeout
+                outcome = attempt_outcome(response.status, None)
+                self._metrics.attempts.inc(policy.upstream, outcome)
+                self._metrics.calls.inc(policy.upstream, outcome)
                 return UpstreamResponse(response.status, dict(response.headers), body,
                                         attempts=policy.sent)
         except _Stop as stop:
             raise self._failed(policy, stop.kind, stop.why, status=stop.status,
                                error=stop.error) from (stop.error or stop.__cause__)
         except TimeoutError as exc:
+            # Only the last attempt's failure gets here (earlier ones went to get_timeout).
+            self._metrics.attempts.inc(policy.upstream, "timeout")
             raise self._failed(policy, "timeout", "timed out", error=exc) from exc
         except aiohttp.ClientError as exc:
+            self._metrics.attempts.inc(policy.upstream, "connection")
             raise self._failed(policy, "connection", f"{type(exc).__name__}: {exc}",
                                error=exc) from exc
 
@@ -360,6 +397,7 @@ class RetryingCall:
                 error: BaseException | None = None) -> UpstreamError:
         """Log ``upstream.failed`` and build the error to raise."""
         request = policy.request
+        self._metrics.calls.inc(policy.upstream, kind)
         log.error("upstream.failed", name=request.name, attempts=policy.sent, kind=kind,
                   status=status, error_type=_type_name(error))
         return UpstreamError(
@@ -390,5 +428,5 @@ def ballast_settings_model() -> type[PluginSection]:
 
 
 @hookimpl
-def ballast_upstream_call(config: Config, provider: ClientProvider) -> RetryingCall:
-    return RetryingCall(provider, config.plugin("retry"))
+def ballast_upstream_call(config: Config, provider: ClientProvider, telemetry: Telemetry) -> RetryingCall:
+    return RetryingCall(provider, config.plugin("retry"), telemetry=telemetry)

@@ -22,6 +22,7 @@ from typing import Any
 from ballast import budget
 from ballast.errors import BallastError, BudgetExceeded, UpstreamError
 from ballast.logging import get_logger
+from ballast.telemetry import Telemetry
 
 STAGES = ("freeze", "drain", "replay", "reconcile", "stats", "events", "report", "persist")
 
@@ -90,7 +91,11 @@ class FinalizeRunner:
 
     def __init__(self, stages: dict[str, StageFn], save: Callable[[JobContext], Awaitable[None]],
                  wrappers: list[StageWrapper],
-                 on_end: Callable[[JobContext], Awaitable[None]]) -> None:
+                 on_end: Callable[[JobContext], Awaitable[None]],
+                 telemetry: Telemetry | None = None) -> None:
+        tel = telemetry or Telemetry()
+        self._jobs_total = tel.counter("ballast_finalize_jobs_total")
+        self._stage_seconds = tel.histogram("ballast_finalize_stage_duration_seconds")
         self._stages = stages
         self._save = save
         self._on_end = on_end
@@ -115,7 +120,9 @@ class FinalizeRunner:
                     with scope:
                         await self._stages[name](job)
             finally:
-                info["duration_ms"] = int((time.perf_counter() - t0) * 1000)
+                seconds = time.perf_counter() - t0
+                info["duration_ms"] = int(seconds * 1000)
+                self._stage_seconds.observe(seconds, name)
             info["state"] = "succeeded"
             log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt, stage=name,
                      state="succeeded", duration_ms=info["duration_ms"])
@@ -154,6 +161,7 @@ class FinalizeRunner:
         for info in job.stages:
             if info["state"] == "pending" and job.state != "succeeded":
                 info["state"] = "skipped"
+        self._jobs_total.inc(job.state)
         try:
             await self._on_end(job)
         finally:

@@ -145,7 +145,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     storage = config.settings.storage
     store = SQLiteStore(Path(storage.path), durability=storage.durability,
-                        on_failure=_failure_hook(app))
+                        on_failure=_failure_hook(app), telemetry=app[TELEMETRY])
     await store.open()
     interrupted = await store.recover()
     if interrupted:
@@ -154,7 +154,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     # Registration order, first outermost (pluggy returns the last registered first).
     groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config, telemetry=app[TELEMETRY])
     wrappers = [w for group in reversed(groups) for w in group]
-    service = SessionService(store, app[EXECUTOR], provider, wrappers)
+    service = SessionService(store, app[EXECUTOR], provider, wrappers, telemetry=app[TELEMETRY])
     app[SERVICE] = service
     try:
         yield

@@ -21,6 +21,7 @@ from ballast.sessions import analysis
 from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
 from ballast.sessions.store import SessionRecord, Store
+from ballast.telemetry import Telemetry
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")
@@ -33,7 +34,7 @@ def _not_found(session_id: str) -> NotFound:
 
 class SessionService:
     def __init__(self, store: Store, executor: BlockingExecutor, provider: InferenceProvider,
-                 finalize_wrappers: list[StageWrapper]) -> None:
+                 finalize_wrappers: list[StageWrapper], telemetry: Telemetry | None = None) -> None:
         self.store = store
         self.executor = executor
         self.provider = provider
@@ -44,7 +45,8 @@ class SessionService:
             {"freeze": self._freeze, "drain": self._drain, "replay": self._replay,
              "reconcile": self._reconcile, "stats": self._stats, "events": self._events,
              "report": self._report, "persist": self._persist},
-            save=self._save_job, wrappers=finalize_wrappers, on_end=self._job_ended)
+            save=self._save_job, wrappers=finalize_wrappers, on_end=self._job_ended,
+            telemetry=telemetry)
 
     # ---------------------------------------------------------------- sessions
 

@@ -47,6 +47,7 @@ from ballast.sessions.store import (
     session_not_found,
     session_not_open,
 )
+from ballast.telemetry import Telemetry
 
 __all__ = ["SQLiteStore", "WriterStats"]
 
@@ -144,6 +145,13 @@ def _mutation_dict(seq: int, mutation_id: str | None, type_: str, payload: str) 
     out: dict[str, Any] = {"seq": seq, "id": mutation_id, "type": type_}
     out.update(_loads(payload))
     return out
+
+
+def _new_in(result: Any) -> int:
+    """Mutations a committed append added (repeated ids are not new)."""
+    if isinstance(result, AppendResult):
+        return sum(1 for a in result.accepted if not a.duplicate)
+    return 0
 
 
 def _store_error(exc: BaseException) -> StoreError:
@@ -306,6 +314,7 @@ class SQLiteStore:
         on_failure: FailureHook | None = None,
         *,
         read_workers: int = 2,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
@@ -315,6 +324,9 @@ class SQLiteStore:
         self.durability = durability
         self.on_failure = on_failure
         self.stats = WriterStats()
+        tel = telemetry or Telemetry()
+        self._committed_total = tel.counter("ballast_mutations_committed_total")
+        self._batch_size = tel.histogram("ballast_commit_batch_size")
         self._read_workers = read_workers
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -616,6 +628,7 @@ class SQLiteStore:
         stats = self.stats
         stats.groups += 1
         drained: list[str] = []
+        committed = 0
         for outcome in outcomes:
             request, error = outcome.request, outcome.error
             stats.requests += 1
@@ -631,6 +644,7 @@ class SQLiteStore:
             if error is None:
                 if request.mutations is not None:
                     stats.mutations += len(request.mutations)
+                    committed += _new_in(outcome.result)
                 if not future.done():
                     future.set_result(outcome.result)
                 continue
@@ -647,6 +661,9 @@ class SQLiteStore:
                                             request.mutations, error)
             if not future.done():
                 future.set_exception(exc)
+        if committed:
+            self._committed_total.inc(amount=committed)
+            self._batch_size.observe(committed)
         for sid in drained:
             for waiter in self._drain_waiters.pop(sid, []):
                 if not waiter.done():

@@ -14,6 +14,8 @@ from ballast.errors import PluginError
 from ballast.plugin_manager import BUILTIN_PLUGINS, load_plugins
 
 BUILTINS = [name for name, _ in BUILTIN_PLUGINS]
+#: Builtins that ship disabled (opt-in); every other builtin is on by default.
+OFF_BY_DEFAULT = {"tracing"}
 
 
 def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
@@ -22,12 +24,13 @@ def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, di
     return {row["name"]: row for row in json.loads(result.stdout)}
 
 
-def test_plugins_json_lists_the_six_builtins_enabled_with_settings() -> None:
+def test_plugins_json_lists_every_builtin_in_its_default_state_with_settings() -> None:
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
-    assert len(BUILTINS) == 6
+    assert {"error_sanitizer", "timeout_budget", "retry", "shared_client", "bulkhead",
+            "queue_logging", "metrics", "tracing"} <= set(BUILTINS)
     for name in BUILTINS:
-        assert rows[name]["enabled"] is True
+        assert rows[name]["enabled"] is (name not in OFF_BY_DEFAULT), name
         assert rows[name]["source"] == "builtin"
         assert rows[name]["hooks"], name
     assert rows["retry"]["settings"]["attempts"] == 3  # type: ignore[index]
@@ -67,7 +70,7 @@ def test_each_builtin_can_be_disabled(tmp_path: Path, name: str, how: str) -> No
     server = ServerProcess(tmp_path, config=config, env=env)
     rows = _plugins_json("--config", str(server.config_path), env=env)
     assert rows[name]["enabled"] is False
-    assert all(rows[other]["enabled"] for other in BUILTINS if other != name)
+    assert all(rows[other]["enabled"] is (other not in OFF_BY_DEFAULT) for other in BUILTINS if other != name)
     with server:
         _exercise(server)
 

@@ -78,7 +78,7 @@ def make_call(tmp_path: Path, provider: SharedClientProvider) -> Callable[..., C
 
     def make(**settings: Any) -> Call:
         config = retry_config(tmp_path, **{**FAST, **settings})
-        return retry.ballast_upstream_call(config=config, provider=provider)
+        return retry.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
 
     return make
 
@@ -458,7 +458,8 @@ async def test_retried_responses_are_released_before_the_wait(
     provider = SharedClientProvider(SharedClientSettings(limit=1, limit_per_host=1))
     big = b"x" * (8 * 1024 * 1024)
     fake.script(Step.status(503, body=big, content_type="text/plain"), "ok")
-    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider)
+    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider,
+                                      telemetry=Telemetry())
     try:
         response = await call(completion(fake, timeout_s=2.0))
     finally:
@@ -480,7 +481,8 @@ class RecordingPerCallProvider(PerCallClientProvider):
 
 async def test_a_per_call_session_is_closed_after_the_call(tmp_path: Path, fake: FakeUpstream) -> None:
     provider = RecordingPerCallProvider()
-    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider)
+    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider,
+                                      telemetry=Telemetry())
     fake.script("503", "ok")
     assert (await call(completion(fake))).attempts == 2
     fake.default = Step.status(503)
