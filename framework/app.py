@@ -35,7 +35,7 @@ from ballast.middleware import Handler, MiddlewareSpec, ordered
 from ballast.plugin_manager import Plugins, load_plugins
 from ballast.problems import error_response, generic_response, problem_response
 from ballast.telemetry import Counter, Histogram, Telemetry
-from ballast.upstream import PerCallClientProvider, Upstream, compose, single_attempt_call
+from ballast.upstream import build_upstream
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 log = blog.get_logger("ballast.app")
@@ -166,13 +166,8 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
     if executor is None:
         fallback = executor = LoopDefaultExecutor()
         telemetry.gauge("ballast_executor_in_use").sample(lambda: fallback.in_flight)
-    provider = hook.ballast_client_provider(config=config, telemetry=telemetry) or PerCallClientProvider()
-    call = hook.ballast_upstream_call(
-        config=config, provider=provider, telemetry=telemetry) or single_attempt_call(provider, telemetry)
-    wrappers = [w for group in reversed(hook.ballast_upstream_wrappers(
-        config=config, telemetry=telemetry)) for w in group]
     app[EXECUTOR] = executor
-    app[UPSTREAM] = Upstream(compose(call, wrappers), provider)
+    app[UPSTREAM] = build_upstream(hook, config, telemetry)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

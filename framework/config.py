@@ -49,6 +49,8 @@ class InferenceSettings(_Section):
     model: str = ""
     api_key_env: str = ""
     timeout_ms: int = Field(20_000, ge=1, le=600_000)
+    #: Larger upstream bodies fail the attempt (kind "too_large") instead of being read.
+    max_response_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> InferenceSettings:

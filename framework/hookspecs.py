@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from ballast.config import Config
     from ballast.executor import BlockingExecutor
     from ballast.middleware import MiddlewareSpec
+    from ballast.resilience import UpstreamRegistry
     from ballast.sessions.finalize import StageWrapper
+    from ballast.sessions.inference import InferenceWrapper, RunBlocking
     from ballast.telemetry import Telemetry
-    from ballast.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
+    from ballast.upstream import AttemptWrapperSpec, ClientProvider, UpstreamCall, UpstreamWrapper
 
 hookspec = pluggy.HookspecMarker("ballast")
 hookimpl = pluggy.HookimplMarker("ballast")
@@ -92,22 +94,65 @@ def ballast_client_provider(config: Config, telemetry: Telemetry) -> ClientProvi
 
 
 @hookspec(firstresult=True)
-def ballast_upstream_call(config: Config, provider: ClientProvider,
-                          telemetry: Telemetry) -> UpstreamCall | None:
+def ballast_upstream_call(config: Config, provider: ClientProvider, telemetry: Telemetry,
+                          attempt: UpstreamCall, upstreams: UpstreamRegistry) -> UpstreamCall | None:
     """The call that sends one logical upstream request, called once at app build.
 
     :param provider: the client provider chosen by :func:`ballast_client_provider`.
+    :param attempt: the attempt pipeline (attempt wrappers around one send): call it
+        once per try. It raises :class:`ballast.resilience.UpstreamRefused` for an
+        attempt refused before it was sent (never retry that one) and
+        :class:`ballast.upstream.AttemptError` (``retryable`` says if another try may
+        help) for a failed one; any status comes back as a response.
+    :param upstreams: the app's registry of shared per-upstream state.
     :return: ``async (UpstreamRequest) -> UpstreamResponse``. First non-None result
         wins; the core falls back to a single attempt with no retry.
     """
 
 
 @hookspec
+def ballast_upstream_attempt_wrappers(config: Config, telemetry: Telemetry,
+                                      upstreams: UpstreamRegistry) -> list[AttemptWrapperSpec]:
+    """Wrappers around each single attempt (inside the retry loop), called once at build.
+
+    An attempt wrapper is ``(attempt) -> attempt`` with ``attempt`` being
+    ``async (UpstreamRequest) -> UpstreamResponse``; ``request.attempt`` is the try's
+    number and ``upstreams.for_url(request.upstream, request.url)`` its upstream's
+    shared state. It may refuse an attempt before it is sent by raising
+    :class:`ballast.resilience.UpstreamRefused` (not retried; 503 + ``Retry-After``),
+    observe the outcome (a response of any status, or an ``UpstreamError``), or time
+    it (a span per attempt). It must re-raise what it does not handle.
+
+    :return: a list of :class:`ballast.upstream.AttemptWrapperSpec` (name, order,
+        wrap). All plugins' specs are sorted by ``order``, lowest outermost. Builtin
+        orders: ``circuit_breaker`` 100, the ``retry`` plugin's cooldown 200; the send
+        (per-attempt timeout, no redirects, capped body) is always innermost.
+    """
+
+
+@hookspec
 def ballast_upstream_wrappers(config: Config, telemetry: Telemetry) -> list[UpstreamWrapper]:
-    """Wrappers around the upstream call, called once at app build.
+    """Wrappers around the whole logical upstream call (outside retry), called once at build.
 
     :return: a list of ``(UpstreamCall) -> UpstreamCall``. Results of all plugins are
         applied in registration order, the first one outermost.
+    """
+
+
+@hookspec
+def ballast_inference_wrappers(config: Config, telemetry: Telemetry,
+                               run_blocking: RunBlocking) -> list[InferenceWrapper]:
+    """Wrappers around the inference provider (resolve and report), called once at build.
+
+    A wrapper is ``(provider) -> provider`` over
+    :class:`ballast.sessions.inference.InferenceProvider`: it sees each operation's
+    input and its reply or error, and may answer otherwise (the ``fallback`` plugin
+    answers with the builtin provider, marking the reply degraded with
+    :func:`ballast.sessions.inference.mark_degraded`).
+
+    :param run_blocking: runs blocking work on the app's executor (what the builtin
+        provider needs).
+    :return: a list of wrappers, applied in registration order, the first outermost.
     """
 
 

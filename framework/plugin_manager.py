@@ -33,6 +33,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("shared_client", "ballast.plugins.shared_client"),
     ("bulkhead", "ballast.plugins.bulkhead"),
     ("queue_logging", "ballast.plugins.queue_logging"),
+    ("circuit_breaker", "ballast.plugins.circuit_breaker"),
+    ("fallback", "ballast.plugins.fallback"),
     ("metrics", "ballast.plugins.metrics"),
 )
 

@@ -1,78 +1,62 @@
-"""retry: outbound upstream calls that survive transient failures without outliving their budget.
+"""retry: outbound upstream calls that survive transient failures without making outages worse.
 
 Inference upstreams fail transiently (429 rate limits, 502/503 from a busy gateway,
 hung or reset connections), and a single attempt turns each of those blips into a
-failed request. This plugin supplies the upstream call (hook ``ballast_upstream_call``)
-that retries them, through aiohttp-retry's ``RetryClient``:
+failed request. But an upstream that is down for good gets every retry as extra load,
+exactly when it can least take it. This plugin supplies the upstream call (hook
+``ballast_upstream_call``) that retries, bounded per call *and* across calls:
 
 * **What is retried**: the statuses in ``statuses`` (default 429, 502, 503), timeouts
-  (``asyncio.TimeoutError``, ``aiohttp.ServerTimeoutError``) and connection failures
-  (``aiohttp.ClientConnectionError``, ``ServerDisconnectedError``,
-  ``ClientPayloadError``), except TLS errors, which do not heal. Nothing else: a 400,
-  401, 403, 404, 422 or any other status is returned at once, as an
-  :class:`~ballast.upstream.UpstreamResponse`, for the caller to handle.
+  and connection failures (attempt errors marked retryable by the send), except TLS
+  errors, which do not heal. Nothing else: any other status is returned at once, as an
+  :class:`~ballast.upstream.UpstreamResponse`, for the caller to handle; a redirect or
+  an oversized body fails at once. An attempt refused locally (circuit open,
+  cooldown: :class:`~ballast.resilience.UpstreamRefused`) was never sent and ends the
+  call: retrying it would only be refused again.
 * **How long it waits**: exponential backoff, ``start_timeout_s * factor ** (n - 1)``
   after the n-th failed attempt, capped at ``max_timeout_s``, with *equal jitter*: the
-  wait is drawn uniformly from ``[d/2, d]`` for the computed delay ``d``. Equal rather
-  than full jitter keeps at least half the backoff, so a struggling upstream never gets
-  an immediate retry, while still spreading out clients that failed together. A
-  ``Retry-After`` header (delta-seconds or HTTP-date) on a retried response replaces
-  the backoff, cut to ``max_retry_after_s``.
-* **The time budget** (:mod:`ballast.budget`): each attempt's timeout is
-  :func:`ballast.upstream.attempt_timeout`, the smaller of the per-attempt timeout
-  and the time left, and it covers reading the whole body (a body that dribbles past it
-  is a timeout). A wait that would reach the end of the budget is not slept at all: the
-  call fails at once with ``kind="budget"``. So ``Retry-After: 3600`` under any budget
-  of less than ``max_retry_after_s`` fails immediately instead of sleeping.
+  wait is drawn uniformly from ``[d/2, d]``. A ``Retry-After`` header (delta-seconds or
+  HTTP-date) on a retried response replaces the backoff, cut to ``max_retry_after_s``.
+* **The time budget** (:mod:`ballast.budget`): each attempt's timeout is the smaller of
+  the per-attempt timeout and the time left, and covers reading the body. A wait that
+  would reach the end of the budget is not slept: the call fails at once with
+  ``kind="budget"``.
+* **The retry budget** (``budget``): per upstream, retries may add at most
+  ``budget_ratio`` to the calls made in the last ``budget_window_s``, plus a reserve of
+  ``budget_min_retries_per_s`` per second, as Finagle's ``RetryBudget`` does. A retry
+  the budget refuses ends the call (``kind="budget_exhausted"``, logged as
+  ``upstream.retry_denied``). A hard-down upstream thus sees about ``1 + budget_ratio``
+  attempts per call instead of ``attempts``.
+* **The shared cooldown** (``shared_cooldown``): a 429 or 503 with ``Retry-After``
+  pauses every caller of that upstream until then (an attempt wrapper, order 200).
+  A caller whose time budget outlasts the pause waits; the others fail at once with
+  503 and ``Retry-After`` (``kind="cooldown"``).
+
+Shared state (the budget, the cooldown) lives in the app's
+:class:`~ballast.resilience.UpstreamRegistry`, per upstream.
 
 The final failure is logged as ``upstream.failed`` and raised as
-:class:`~ballast.errors.UpstreamError` with ``kind`` one of ``status`` (retried
-statuses to the last attempt), ``timeout``, ``connection`` or ``budget`` (the budget
-ran out, or the next wait would outlast it); ``upstream_status`` and ``error_type``
-tell what the last attempt saw. Each retry is logged as ``upstream.retry`` at warning
-level. Neither line carries headers or the URL, so the API key cannot leak through
-them; aiohttp-retry's own logging is silenced for the same reason (it reprs exceptions,
-and some aiohttp exceptions carry the request's headers).
+:class:`~ballast.errors.UpstreamError` whose ``kind`` is a
+:class:`~ballast.telemetry.Reason`; ``upstream_status`` and ``error_type`` tell what
+the last attempt saw. Each retry is logged as ``upstream.retry``. No line carries
+headers or the URL, so the API key cannot leak through them. Metrics:
+``ballast_upstream_retries_total`` and ``ballast_upstream_retries_denied_total``.
 
-How aiohttp-retry 2.9 is bent to these rules (read its ``client.py``):
-
-* ``RetryClient.close()`` closes the session it was given, whoever created it, and so
-  does ``async with RetryClient(...)``. A ``RetryClient`` is therefore made per call
-  around the provider's session and never closed; only a per-call session from a
-  provider with ``owns_sessions`` is closed, by this module, after the call.
-* The retry policy is a ``RetryOptionsBase`` subclass made per call. Its
-  ``get_timeout(attempt, response)`` is where the wait is decided: it sees the retried
-  response (for ``Retry-After``) or, called inside aiohttp-retry's ``except`` block,
-  the exception. To stop without sleeping it raises a private exception, which
-  aiohttp-retry does not retry and lets through; this module turns it into
-  ``UpstreamError``.
-* aiohttp-retry drops a retried response without releasing it; ``get_timeout``
-  releases it before the sleep, so its connection is not held while waiting.
-* aiohttp-retry sends attempt n with ``params_list[n - 1]``, read right before the
-  attempt is sent. The list given here builds that entry when it is read, so the
-  attempt's timeout is computed after the wait, from the budget left at that moment,
-  and an attempt with no time left is refused before it is sent.
-* Bodies are read inside the attempt: for attempts that may still be retried, in
-  aiohttp-retry's ``evaluate_response_callback`` (a read that fails or times out is
-  then retried like any other failure); on the last attempt, after aiohttp-retry
-  returns, still under that attempt's timeout.
-
-Disabled: each upstream call makes exactly one attempt.
+Disabled: each upstream call makes exactly one attempt; no budget, no cooldown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email.utils
+import math
 import random
 import re
-import sys
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, SupportsIndex, overload
 
-import aiohttp
-from aiohttp_retry import RequestParams, RetryClient, RetryOptionsBase
 from pydantic import Field, field_validator
 from yarl import URL
 
@@ -81,29 +65,29 @@ from ballast.config import Config, PluginSection
 from ballast.errors import UpstreamError
 from ballast.hookspecs import hookimpl
 from ballast.logging import get_logger
-from ballast.telemetry import Counter, Telemetry
+from ballast.resilience import Clock, UpstreamRefused, UpstreamRegistry, UpstreamState
+from ballast.telemetry import Reason, Telemetry
 from ballast.upstream import (
+    Attempt,
+    AttemptError,
+    AttemptWrapperSpec,
     ClientProvider,
     UpstreamRequest,
     UpstreamResponse,
-    attempt_outcome,
-    attempt_timeout,
-    upstream_label,
+    send_attempt,
 )
 
 log = get_logger("ballast.retry")
 
-#: Failures of an attempt that another attempt may not repeat.
-RETRIED_EXCEPTIONS: tuple[type[Exception], ...] = (
-    TimeoutError,  # asyncio.TimeoutError is TimeoutError since Python 3.11
-    aiohttp.ServerTimeoutError,
-    aiohttp.ClientConnectionError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientPayloadError,
-)
+#: Order of the cooldown among attempt wrappers (inside the circuit breaker's 100).
+COOLDOWN_ORDER = 200
+#: Slot names in an upstream's shared state.
+BUDGET_SLOT = "retry.budget"
+#: Statuses whose ``Retry-After`` pauses every caller (when ``shared_cooldown`` is on).
+COOLDOWN_STATUSES = frozenset({429, 503})
 
-#: Connection failures that another attempt would only repeat.
-NEVER_RETRIED_EXCEPTIONS: tuple[type[Exception], ...] = (aiohttp.ClientSSLError,)
+#: ``asyncio.sleep``, looked up per wait (tests slow it down to model a busy loop).
+sleep = asyncio.sleep
 
 _DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
@@ -133,6 +117,22 @@ class Settings(PluginSection):
     attempt_timeout_s: float | None = Field(
         default=None, gt=0, le=600,
         description="per-attempt timeout in seconds; unset: the request's own (inference.timeout_ms)")
+
+    budget: bool = Field(
+        default=True,
+        description="a retry budget shared by all calls to one upstream (Finagle/gRPC style)")
+    budget_ratio: float = Field(
+        default=0.2, ge=0, le=10,
+        description="retries may add at most this share to the calls of the last budget window")
+    budget_window_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="the sliding window the retry budget counts over, in seconds")
+    budget_min_retries_per_s: float = Field(
+        default=1.0, ge=0, le=10_000,
+        description="a reserve of retries per second that is always allowed")
+    shared_cooldown: bool = Field(
+        default=True,
+        description="a 429/503 with Retry-After pauses every caller of that upstream until then")
 
     @field_validator("statuses")
     @classmethod
@@ -187,223 +187,204 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 
 # --------------------------------------------------------------------------------------
-# one logical call
+# the retry budget
 # --------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Ends the call at once: raised instead of a wait, or instead of an attempt.
+class RetryBudget:
+    """Retries allowed to one upstream: ``ratio`` x recent calls + a reserve (Finagle style).
 
-    Not one of the retried exceptions, so aiohttp-retry lets it through.
+    Counts over a sliding window of ``window_s`` in ten buckets: every call deposits
+    (:meth:`deposit`, once, for its first attempt) and every retry withdraws
+    (:meth:`try_withdraw`). A retry is allowed while
+    ``retries < ratio * calls + min_retries_per_s * window_s`` over the window. So a
+    hard-down upstream sees at most ``ratio`` extra attempts per call once the reserve
+    is spent, and an idle system still retries its rare failures.
     """
 
-    def __init__(self, kind: str, why: str, status: int | None, error: BaseException | None) -> None:
-        super().__init__(why)
-        self.kind = kind
-        self.why = why
-        self.status = status
-        self.error = error
+    BUCKETS = 10
+
+    def __init__(self, *, ratio: float, window_s: float, min_retries_per_s: float,
+                 clock: Clock) -> None:
+        self.ratio = ratio
+        self.window_s = window_s
+        self.reserve = min_retries_per_s * window_s
+        self._clock = clock
+        self._width = window_s / self.BUCKETS
+        #: [bucket index, calls, retries], oldest first.
+        self._buckets: deque[list[int]] = deque()
+
+    def _current(self) -> list[int]:
+        index = math.floor(self._clock() / self._width)
+        while self._buckets and self._buckets[0][0] <= index - self.BUCKETS:
+            self._buckets.popleft()
+        if not self._buckets or self._buckets[-1][0] != index:
+            self._buckets.append([index, 0, 0])
+        return self._buckets[-1]
+
+    def counts(self) -> tuple[int, int]:
+        """``(calls, retries)`` within the window now."""
+        self._current()
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def balance(self) -> float:
+        """Retries still allowed now (may be fractional; one needs at least 1)."""
+        calls, retries = self.counts()
+        return self.ratio * calls + self.reserve - retries
+
+    def deposit(self) -> None:
+        self._current()[1] += 1
+
+    def try_withdraw(self) -> bool:
+        """Take one retry if the budget allows it; False (and nothing taken) if not."""
+        if self.balance() < 1:
+            return False
+        self._current()[2] += 1
+        return True
 
 
-class _Quiet:
-    """aiohttp-retry's logger, silenced: see the module docstring."""
-
-    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        return None
+# --------------------------------------------------------------------------------------
+# the shared cooldown (an attempt wrapper)
+# --------------------------------------------------------------------------------------
 
 
-_QUIET = _Quiet()
+def cooldown_wrapper(upstreams: UpstreamRegistry) -> Callable[[Attempt], Attempt]:
+    """Hold each attempt while its upstream's cooldown is in force, or refuse it.
 
-
-async def _read_body(response: aiohttp.ClientResponse) -> bool:
-    """aiohttp-retry's response callback for statuses it will not retry: read the body.
-
-    Reading here, inside the attempt, makes a failed or timed-out body read a failure
-    of this attempt, which is retried. Returns True: "do not retry this response".
-    """
-    await response.read()
-    return True
-
-
-class _Instruments:
-    """The upstream counters, taken once per app at build."""
-
-    __slots__ = ("attempts", "calls", "denied", "retries")
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.calls: Counter = telemetry.counter("ballast_upstream_calls_total")
-        self.attempts: Counter = telemetry.counter("ballast_upstream_attempts_total")
-        self.retries: Counter = telemetry.counter("ballast_upstream_retries_total")
-        self.denied: Counter = telemetry.counter("ballast_upstream_retries_denied_total")
-
-
-class _CallPolicy(RetryOptionsBase):
-    """The retry policy of one call, with that call's state (attempts sent, last failure)."""
-
-    def __init__(self, request: UpstreamRequest, settings: Settings,
-                 rng: Callable[[], float], instruments: _Instruments) -> None:
-        super().__init__(
-            attempts=settings.attempts,
-            statuses=set(settings.statuses),
-            exceptions=set(RETRIED_EXCEPTIONS),
-            retry_all_server_errors=False,
-            evaluate_response_callback=_read_body,
-        )
-        self.request = request
-        self.settings = settings
-        self.rng = rng
-        self.metrics = instruments
-        self.upstream = upstream_label(request)
-        #: Attempts actually started.
-        self.sent = 0
-        #: What the last retried attempt saw: its status, or its exception.
-        self.last_status: int | None = None
-        self.last_error: BaseException | None = None
-
-    def attempt_params(self) -> RequestParams:
-        """The next attempt's parameters, its timeout cut to the budget left now."""
-        try:
-            timeout = attempt_timeout(self.request)
-        except UpstreamError as exc:
-            if self.sent:
-                self.metrics.denied.inc(self.upstream, "budget")
-            raise _Stop("budget", "no time left for another attempt", self.last_status,
-                        self.last_error) from exc
-        if self.sent:
-            self.metrics.retries.inc(self.upstream, attempt_outcome(self.last_status, self.last_error))
-        self.sent += 1
-        return RequestParams(
-            method=self.request.method,
-            url=self.request.url,
-            headers=dict(self.request.headers),
-            kwargs={"json": self.request.json, "timeout": timeout},
-        )
-
-    def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
-        """Decide the wait after failed attempt ``attempt``, or raise :class:`_Stop`."""
-        status: int | None = None
-        error: BaseException | None = None
-        retry_after: float | None = None
-        if response is not None:
-            status = response.status
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            response.release()  # aiohttp-retry would hold it, and its connection, while we sleep
-        else:
-            # aiohttp-retry calls this from inside its ``except`` block for the failure.
-            error = sys.exc_info()[1]
-        # Every attempt that may be retried ends here; the last one in RetryingCall._send.
-        self.metrics.attempts.inc(self.upstream, attempt_outcome(status, error))
-        if response is None and isinstance(error, NEVER_RETRIED_EXCEPTIONS):
-            raise _Stop("connection", "not worth retrying", None, error)
-        self.last_status, self.last_error = status, error
-
-        s = self.settings
-        if retry_after is not None:
-            delay = min(retry_after, s.max_retry_after_s)
-        else:
-            delay = backoff_delay(attempt, start_s=s.start_timeout_s, factor=s.factor,
-                                  cap_s=s.max_timeout_s, jitter=s.jitter, rng=self.rng)
-        left = budget.remaining()
-        if left is not None and delay >= left:
-            self.metrics.denied.inc(self.upstream, "budget")
-            raise _Stop("budget", f"next wait of {delay:.3f}s outlasts the {max(left, 0):.3f}s left",
-                        status, error)
-        log.warning("upstream.retry", name=self.request.name, attempt=attempt, status=status,
-                    error_type=_type_name(error), delay_ms=_ms(delay),
-                    remaining_ms=None if left is None else _ms(max(left, 0.0)))
-        return delay
-
-
-class _AttemptParams(list[RequestParams]):
-    """``params_list`` for aiohttp-retry whose entries are built when they are read.
-
-    aiohttp-retry reads attempt n's parameters (``params_list[n - 1]``) right before it
-    sends that attempt, after the wait before it; see the module docstring.
+    An attempt that can wait out the pause within its time budget waits (then goes);
+    one that cannot is refused at once: :class:`UpstreamRefused` (``cooldown``), 503
+    with ``Retry-After``. No attempt reaches the upstream before the pause ends.
     """
 
-    def __init__(self, policy: _CallPolicy) -> None:
-        # One placeholder entry: aiohttp-retry insists that the list is not empty.
-        super().__init__([RequestParams(method=policy.request.method, url=policy.request.url)])
-        self._policy = policy
+    def wrap(attempt: Attempt) -> Attempt:
+        async def held(request: UpstreamRequest) -> UpstreamResponse:
+            state = upstreams.for_url(request.upstream, request.url)
+            wait = state.cooldown_left()
+            while wait > 0:  # another 429 may extend the pause while this one waits
+                left = budget.remaining()
+                if left is not None and wait >= left:
+                    raise UpstreamRefused(
+                        kind=Reason.COOLDOWN, retry_after_s=wait,
+                        internal=f"{request.name}: upstream {request.upstream} cooling down for "
+                                 f"{wait:.3f}s, more than the {max(left, 0.0):.3f}s left")
+                await sleep(wait)
+                wait = state.cooldown_left()
+            return await attempt(request)
 
-    @overload
-    def __getitem__(self, index: SupportsIndex, /) -> RequestParams: ...
+        return held
 
-    @overload
-    def __getitem__(self, index: slice, /) -> list[RequestParams]: ...
+    return wrap
 
-    def __getitem__(self, index: SupportsIndex | slice, /) -> RequestParams | list[RequestParams]:
-        if isinstance(index, slice):
-            return super().__getitem__(index)
-        return self._policy.attempt_params()
+
+# --------------------------------------------------------------------------------------
+# one logical call
+# --------------------------------------------------------------------------------------
 
 
 class RetryingCall:
     """The upstream call this plugin supplies: ``await call(request) -> UpstreamResponse``."""
 
-    def __init__(self, provider: ClientProvider, settings: Settings | None = None, *,
-                 rng: Callable[[], float] = random.random, telemetry: Telemetry | None = None) -> None:
-        self.provider = provider
+    def __init__(self, attempt: Attempt | ClientProvider, settings: Settings | None = None, *,
+                 upstreams: UpstreamRegistry | None = None, telemetry: Telemetry | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        if hasattr(attempt, "session"):  # a bare provider: send with no attempt wrappers
+            attempt = send_attempt(attempt, telemetry)  # type: ignore[arg-type]
+        self.attempt: Attempt = attempt  # type: ignore[assignment]
         self.settings = settings or Settings()
+        self.upstreams = upstreams if upstreams is not None else UpstreamRegistry()
         self._rng = rng
-        self._metrics = _Instruments(telemetry or Telemetry())
+        telemetry = telemetry or Telemetry()
+        self._retries = telemetry.counter("ballast_upstream_retries_total")
+        self._denied = telemetry.counter("ballast_upstream_retries_denied_total")
+
+    def _budget(self, state: UpstreamState) -> RetryBudget:
+        s = self.settings
+        return state.slot(BUDGET_SLOT, lambda st: RetryBudget(
+            ratio=s.budget_ratio, window_s=s.budget_window_s,
+            min_retries_per_s=s.budget_min_retries_per_s, clock=st.clock))
 
     async def __call__(self, request: UpstreamRequest) -> UpstreamResponse:
-        if self.settings.attempt_timeout_s is not None:
-            request = dataclasses.replace(request, attempt_timeout_s=self.settings.attempt_timeout_s)
-        session = await self.provider.session()
-        try:
-            return await self._send(session, request)
-        finally:
-            if self.provider.owns_sessions:
-                await session.close()
+        s = self.settings
+        if s.attempt_timeout_s is not None:
+            request = dataclasses.replace(request, attempt_timeout_s=s.attempt_timeout_s)
+        state = self.upstreams.for_url(request.upstream, request.url)
+        retry_budget = self._budget(state) if s.budget else None
+        if retry_budget is not None:
+            retry_budget.deposit()
+        sent = 0
+        status: int | None = None
+        error: BaseException | None = None
+        number = 0
+        while True:
+            number += 1
+            try:
+                response = await self.attempt(dataclasses.replace(request, attempt=number))
+            except UpstreamRefused as refused:
+                if sent == 0:  # nothing reached the upstream: the refusal is the answer
+                    self._log_failed(request, 0, refused.kind, None, None, level="warning")
+                    raise
+                self._denied.inc(request.upstream, refused.kind)
+                raise self._failed(request, sent, refused.kind, status, error,
+                                   f"attempt {number} refused ({refused.kind})") from refused
+            except UpstreamError as exc:
+                if exc.attempts == 0:  # not sent (no time left for it)
+                    raise self._failed(request, sent, exc.kind, status, error,
+                                       "no time left for another attempt") from exc
+                sent += 1
+                status, error = exc.upstream_status, exc.__cause__ or exc
+                if not (isinstance(exc, AttemptError) and exc.retryable):
+                    raise self._failed(request, sent, exc.kind, status, error,
+                                       exc.internal) from exc
+                kind: str = exc.kind
+                retry_after: float | None = None
+            else:
+                sent += 1
+                if response.status not in s.statuses:
+                    return UpstreamResponse(response.status, response.headers, response.body,
+                                            attempts=sent)
+                status, error, kind = response.status, None, Reason.STATUS
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if retry_after is not None and s.shared_cooldown and status in COOLDOWN_STATUSES:
+                    state.cool_down(min(retry_after, s.max_retry_after_s))
+            if number >= s.attempts:
+                raise self._failed(request, sent, kind, status, error, f"answered {status}"
+                                   if error is None else type(error).__name__)
+            delay = (min(retry_after, s.max_retry_after_s) if retry_after is not None else
+                     backoff_delay(number, start_s=s.start_timeout_s, factor=s.factor,
+                                   cap_s=s.max_timeout_s, jitter=s.jitter, rng=self._rng))
+            left = budget.remaining()
+            if left is not None and delay >= left:
+                self._denied.inc(request.upstream, Reason.BUDGET)
+                raise self._failed(request, sent, Reason.BUDGET, status, error,
+                                   f"next wait of {delay:.3f}s outlasts the {max(left, 0):.3f}s left")
+            if retry_budget is not None and not retry_budget.try_withdraw():
+                calls, retries = retry_budget.counts()
+                log.warning("upstream.retry_denied", name=request.name, upstream=request.upstream,
+                            attempt=number, kind=Reason.BUDGET_EXHAUSTED, status=status,
+                            error_type=_type_name(error), window_calls=calls, window_retries=retries)
+                self._denied.inc(request.upstream, Reason.BUDGET_EXHAUSTED)
+                raise self._failed(request, sent, Reason.BUDGET_EXHAUSTED, status, error,
+                                   "the retry budget is spent")
+            log.warning("upstream.retry", name=request.name, upstream=request.upstream, attempt=number,
+                        status=status, error_type=_type_name(error), delay_ms=_ms(delay),
+                        remaining_ms=None if left is None else _ms(max(left, 0.0)))
+            self._retries.inc(request.upstream, kind)
+            await sleep(delay)
 
-    async def _send(self, session: aiohttp.ClientSession, request: UpstreamRequest) -> UpstreamResponse:
-        policy = _CallPolicy(request, self.settings, self._rng, self._metrics)
-        # Never closed, never used as a context manager: either would close ``session``.
-        client = RetryClient(client_session=session, logger=_QUIET, retry_options=policy)
-        try:
-            async with client.requests(_AttemptParams(policy)) as response:
-                if response.status in self.settings.statuses:
-                    response.release()
-                    self._metrics.attempts.inc(policy.upstream, "status")
-                    raise self._failed(policy, "status", f"answered {response.status}",
-                                       status=response.status)
-                body = await response.read()  # the last attempt: still under its timeout
-                outcome = attempt_outcome(response.status, None)
-                self._metrics.attempts.inc(policy.upstream, outcome)
-                self._metrics.calls.inc(policy.upstream, outcome)
-                return UpstreamResponse(response.status, dict(response.headers), body,
-                                        attempts=policy.sent)
-        except _Stop as stop:
-            raise self._failed(policy, stop.kind, stop.why, status=stop.status,
-                               error=stop.error) from (stop.error or stop.__cause__)
-        except TimeoutError as exc:
-            # Only the last attempt's failure gets here (earlier ones went to get_timeout).
-            self._metrics.attempts.inc(policy.upstream, "timeout")
-            raise self._failed(policy, "timeout", "timed out", error=exc) from exc
-        except aiohttp.ClientError as exc:
-            self._metrics.attempts.inc(policy.upstream, "connection")
-            raise self._failed(policy, "connection", f"{type(exc).__name__}: {exc}",
-                               error=exc) from exc
-
-    def _failed(self, policy: _CallPolicy, kind: str, why: str, *, status: int | None = None,
-                error: BaseException | None = None) -> UpstreamError:
-        """Log ``upstream.failed`` and build the error to raise."""
-        request = policy.request
-        self._metrics.calls.inc(policy.upstream, kind)
-        log.error("upstream.failed", name=request.name, attempts=policy.sent, kind=kind,
-                  status=status, error_type=_type_name(error))
+    def _failed(self, request: UpstreamRequest, sent: int, kind: str, status: int | None,
+                error: BaseException | None, why: str) -> UpstreamError:
+        """Log ``upstream.failed`` and build the error to raise (502 on resolve)."""
+        self._log_failed(request, sent, kind, status, error)
         return UpstreamError(
-            kind=kind, upstream_status=status, attempts=policy.sent,
-            internal=f"{request.name} ({_path(request.url)}): gave up after "
-                     f"{policy.sent} attempt(s): {why}")
+            kind=kind, upstream_status=status, attempts=sent,
+            internal=f"{request.name} ({_path(request.url)}): gave up after {sent} attempt(s): {why}")
+
+    @staticmethod
+    def _log_failed(request: UpstreamRequest, sent: int, kind: str, status: int | None,
+                    error: BaseException | None, *, level: str = "error") -> None:
+        (log.warning if level == "warning" else log.error)(
+            "upstream.failed", name=request.name, upstream=request.upstream, attempts=sent,
+            kind=kind, status=status, error_type=_type_name(error))
 
 
 def _type_name(error: BaseException | None) -> str | None:
@@ -428,5 +409,14 @@ def ballast_settings_model() -> type[PluginSection]:
 
 
 @hookimpl
-def ballast_upstream_call(config: Config, provider: ClientProvider, telemetry: Telemetry) -> RetryingCall:
-    return RetryingCall(provider, config.plugin("retry"), telemetry=telemetry)
+def ballast_upstream_call(config: Config, provider: ClientProvider, telemetry: Telemetry,
+                          attempt: Attempt, upstreams: UpstreamRegistry) -> RetryingCall:
+    return RetryingCall(attempt, config.plugin("retry"), upstreams=upstreams, telemetry=telemetry)
+
+
+@hookimpl
+def ballast_upstream_attempt_wrappers(config: Config,
+                                      upstreams: UpstreamRegistry) -> list[AttemptWrapperSpec]:
+    if not config.plugin("retry").shared_cooldown:
+        return []
+    return [AttemptWrapperSpec("retry.cooldown", COOLDOWN_ORDER, cooldown_wrapper(upstreams))]

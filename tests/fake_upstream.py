@@ -63,7 +63,7 @@ PROSE_CONTENT = "Sure! Here is what I found: the speakers seem to be Alice and B
 
 KINDS = frozenset({
     "ok", "status", "hang", "reset", "truncated", "malformed", "wrong_shape",
-    "slow_body", "not_json_content", "raw",
+    "slow_body", "not_json_content", "raw", "redirect", "huge",
 })
 
 #: Sees the request's JSON body (``{}`` if it was not JSON) and returns the assistant
@@ -71,7 +71,7 @@ KINDS = frozenset({
 Responder = Callable[[Mapping[str, Any]], Any]
 
 _STEP_FIELDS = ("kind", "code", "retry_after", "body", "content_type", "seconds", "content",
-                "lying_length")
+                "lying_length", "location", "size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,8 @@ class Step:
     seconds: float = 0.0
     content: Any = None
     lying_length: bool = False
+    location: str | None = None
+    size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,6 +156,25 @@ class Step:
         return cls("not_json_content", content=text)
 
     @classmethod
+    def redirect(cls, location: str, code: int = 307) -> Step:
+        """A redirect (``code`` 3xx) to ``location``, e.g. another fake's completions URL."""
+        if not 300 <= code <= 399:
+            raise ValueError(f"a redirect needs a 3xx status, not {code}")
+        return cls("redirect", code=code, location=location)
+
+    @classmethod
+    def huge(cls, size: int, *, lying_length: bool = False) -> Step:
+        """200 with ``size`` bytes of whitespace, then a valid completion.
+
+        Streamed in chunks (the fake never holds it whole), without ``Content-Length``
+        (chunked) unless ``lying_length``: then the true total length is declared up
+        front, so a client can refuse it before reading.
+        """
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        return cls("huge", size=size, lying_length=lying_length)
+
+    @classmethod
     def raw(cls, body: str | bytes, *, code: int = 200,
             content_type: str = "application/json") -> Step:
         """Exactly this body, e.g. a completion envelope of the wrong shape."""
@@ -168,7 +189,8 @@ class Step:
         Text forms: ``ok``, ``503``, ``429:2`` (status with Retry-After), ``503:date+2``,
         ``status:503``, ``status:503:2``, ``hang``, ``hang:5``, ``reset``, ``truncated``,
         ``truncated:length``, ``malformed``, ``wrong_shape``, ``slow_body:2``,
-        ``not_json_content``. Object form: the dataclass fields, e.g.
+        ``not_json_content``, ``huge:1000000`` (bytes), ``huge:1000000:length``,
+        ``redirect:307`` (to the fake's own ``/redirected`` route). Object form: the dataclass fields, e.g.
         ``{"kind": "status", "code": 503, "retry_after": "1"}``.
         """
         if isinstance(spec, Step):
@@ -193,6 +215,10 @@ class Step:
             if name in ("hang", "slow_body") and len(args) <= 1:
                 make = cls.hang if name == "hang" else cls.slow_body
                 return make(float(args[0])) if args else make()
+            if name == "huge" and len(args) in (1, 2) and args[1:] in ([], ["length"]):
+                return cls.huge(int(args[0]), lying_length=len(args) == 2)
+            if name == "redirect" and len(args) <= 1:
+                return cls.redirect("/redirected", int(args[0]) if args else 307)
             if name == "truncated" and args in ([], ["length"]):
                 return cls.truncated(lying_length=bool(args))
             simple: dict[str, Callable[[], Step]] = {
@@ -378,6 +404,8 @@ class FakeUpstream:
         self.default: Step = self._initial_default
         #: Requests received on the completions route (admin calls do not count).
         self.attempts = 0
+        #: Requests that followed a redirect to the fake's own ``/redirected`` route.
+        self.redirected = 0
         self.requests: list[ReceivedRequest] = []
         self._script: deque[Step] = deque()
         self._runner: web.AppRunner | None = None
@@ -407,6 +435,7 @@ class FakeUpstream:
         """Forget the script, the count and the recorded requests; restore the default."""
         self._script.clear()
         self.attempts = 0
+        self.redirected = 0
         self.requests.clear()
         self.default = self._initial_default
 
@@ -424,6 +453,7 @@ class FakeUpstream:
         app = web.Application()
         for path in ("/v1/chat/completions", "/chat/completions"):
             app.router.add_post(path, self._completions)
+        app.router.add_post("/redirected", self._redirected)
         app.router.add_post("/_admin/script", self._admin_script)
         app.router.add_post("/_admin/default", self._admin_default)
         app.router.add_get("/_admin/stats", self._admin_stats)
@@ -458,6 +488,11 @@ class FakeUpstream:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
+
+    async def _redirected(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.redirected += 1
+        return self._json(self._completion({}, {"mapping": {}}))
 
     # -- the completions route ------------------------------------------------------
 
@@ -507,6 +542,10 @@ class FakeUpstream:
         if kind == "slow_body":
             return await self._dribble(request, _dumps(self._completion(
                 body, self._content(step, body))), step.seconds)
+        if kind == "redirect":
+            return web.Response(status=step.code, headers={"Location": step.location or "/"})
+        if kind == "huge":
+            return await self._huge(request, body, step)
         if kind == "raw":
             raw = step.body if isinstance(step.body, bytes) else (step.body or "").encode()
             return web.Response(status=step.code, body=raw,
@@ -593,6 +632,27 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
+    async def _huge(self, request: web.Request, body: Mapping[str, Any],
+                    step: Step) -> web.StreamResponse:
+        tail = _dumps(self._completion(body, self._content(step, body)))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if step.lying_length:
+            response.content_length = step.size + len(tail)
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b" " * (256 * 1024)
+        left = step.size
+        try:
+            while left > 0:
+                await response.write(chunk[:left])
+                left -= min(left, len(chunk))
+            await response.write(tail)
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client stopped reading: what a capped client does
+        return response
+
     # -- the admin API --------------------------------------------------------------
 
     async def _admin_script(self, request: web.Request) -> web.Response:
@@ -620,7 +680,8 @@ class FakeUpstream:
         return web.json_response({"default": self.default.to_json()})
 
     async def _admin_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"attempts": self.attempts, "pending": len(self._script),
+        return web.json_response({"attempts": self.attempts, "redirected": self.redirected,
+                                  "pending": len(self._script),
                                   "default": self.default.to_json()})
 
     async def _admin_requests(self, request: web.Request) -> web.Response:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+#: Response header on an answer that a fallback gave instead of the configured provider.
+DEGRADED_HEADER = "X-Ballast-Degraded"
 
 #: Runs blocking work off the event loop (the app's executor for blocking work).
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -39,6 +42,18 @@ class ReportInput:
 
 class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    #: Set only by code (never from a model's reply): the answer came from a fallback.
+    _degraded: str | None = PrivateAttr(default=None)
+
+    @property
+    def degraded(self) -> bool:
+        """True when this answer is not the configured provider's (see :func:`mark_degraded`)."""
+        return self._degraded is not None
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Why the configured provider's answer was replaced (a ``Reason`` code), if it was."""
+        return self._degraded
 
 
 class ResolveReply(_Reply):
@@ -56,6 +71,20 @@ class ReportReply(_Reply):
     action_items: list[ActionItemReply] = []
 
 
+_R = TypeVar("_R", bound=_Reply)
+
+
+def mark_degraded(reply: _R, reason: str) -> _R:
+    """Mark ``reply`` as a stand-in for the configured provider's answer.
+
+    The session service passes the mark on to its client (``X-Ballast-Degraded:
+    inference`` and ``"degraded": true``): a degraded answer is never passed off as
+    the real thing. A model's reply cannot set it: it is not a field.
+    """
+    reply._degraded = reason
+    return reply
+
+
 class InferenceProvider(Protocol):
     """A source of speaker resolution and session reports."""
 
@@ -70,3 +99,14 @@ class InferenceProvider(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+#: Wraps the provider the session service uses (hook ``ballast_inference_wrappers``).
+InferenceWrapper = Callable[[InferenceProvider], InferenceProvider]
+
+
+def wrap_provider(provider: InferenceProvider, wrappers: Sequence[InferenceWrapper]) -> InferenceProvider:
+    """Apply ``wrappers`` so that the first one is outermost."""
+    for wrap in reversed(wrappers):
+        provider = wrap(provider)
+    return provider

@@ -164,7 +164,8 @@ class OpenAIProvider:
             "response_format": {"type": "json_object"},
         }
         return UpstreamRequest(method="POST", url=self.url, name=name, json=body,
-                               headers=headers, attempt_timeout_s=self.timeout_ms / 1000)
+                               headers=headers, attempt_timeout_s=self.timeout_ms / 1000,
+                               upstream=self.name)
 
     async def _ask(self, request: UpstreamRequest) -> tuple[dict[str, Any], UpstreamResponse]:
         response = await self._upstream.request(request)

@@ -23,7 +23,7 @@ from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
 from ballast.sessions.builtin import BuiltinProvider
-from ballast.sessions.inference import InferenceProvider
+from ballast.sessions.inference import DEGRADED_HEADER, InferenceProvider, wrap_provider
 from ballast.sessions.service import SessionService
 from ballast.sessions.sqlite_store import SQLiteStore
 
@@ -92,7 +92,7 @@ async def _no_body(request: web.Request) -> None:
 async def resolve(request: web.Request) -> web.Response:
     sid = _session_id(request)
     await _no_body(request)
-    return _json(await request.app[SERVICE].resolve(sid))
+    return _marked(await request.app[SERVICE].resolve(sid))
 
 
 async def start_finalize(request: web.Request) -> web.Response:
@@ -106,7 +106,15 @@ async def get_finalize(request: web.Request) -> web.Response:
 
 
 async def get_report(request: web.Request) -> web.Response:
-    return _json(await request.app[SERVICE].get_report(_session_id(request)))
+    return _marked(await request.app[SERVICE].get_report(_session_id(request)))
+
+
+def _marked(data: dict[str, Any]) -> web.Response:
+    """A degraded answer (``"degraded": true``) says so in a header too."""
+    response = _json(data)
+    if data.get("degraded") is True:
+        response.headers[DEGRADED_HEADER] = "inference"
+    return response
 
 
 def make_provider(app: web.Application) -> InferenceProvider:
@@ -150,7 +158,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     interrupted = await store.recover()
     if interrupted:
         log.warning("finalize.recovered", jobs=interrupted)
-    provider = make_provider(app)
+    hook = app[PLUGINS].hook
+    provider = wrap_provider(make_provider(app), [w for group in reversed(hook.ballast_inference_wrappers(
+        config=config, telemetry=app[TELEMETRY], run_blocking=app[EXECUTOR].run)) for w in group])
     # Registration order, first outermost (pluggy returns the last registered first).
     groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config, telemetry=app[TELEMETRY])
     wrappers = [w for group in reversed(groups) for w in group]

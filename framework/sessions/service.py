@@ -17,6 +17,7 @@ from ballast import budget
 from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
 from ballast.executor import BlockingExecutor
 from ballast.logging import get_logger
+from ballast.resilience import republished
 from ballast.sessions import analysis
 from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
@@ -106,14 +107,14 @@ class SessionService:
             reply = await self.provider.resolve(ResolveInput(
                 session_id, list(record.participants), utterances, dict(record.speakers)))
         except UpstreamError as exc:
-            raise UpstreamError(RESOLVE_UNAVAILABLE, kind=exc.kind, upstream_status=exc.upstream_status,
-                                attempts=exc.attempts, internal=exc.internal) from exc
+            # Keeps a local refusal's 503 and Retry-After; an upstream failure stays 502.
+            raise republished(exc, RESOLVE_UNAVAILABLE) from exc
         labels = {u[0] for u in utterances}
         mapping = {k: v for k, v in reply.mapping.items() if k in labels and v}
         if mapping:
             await self.store.append(session_id, [{"type": "speakers_resolved", "mapping": mapping}])
         updated = await self._require(session_id)
-        return {"speakers": updated.speakers}
+        return {"speakers": updated.speakers, **({"degraded": True} if reply.degraded else {})}
 
     def _utterances(self, session_id: str) -> list[tuple[str, int, int, str]]:
         return [(r["speaker"], r["start_ms"], r["end_ms"], r["text"])
@@ -221,6 +222,7 @@ class SessionService:
             "stats": stats["totals"], "speakers": stats["speakers"],
             "timeline": job.data["timeline"],
             "generated_at": datetime.now(UTC).isoformat(),
+            **({"degraded": True} if draft.degraded else {}),
         }
 
     async def _persist(self, job: JobContext) -> None:

@@ -13,7 +13,6 @@ import itertools
 import json
 import socket
 import time
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiohttp_retry.client
 import pytest
 import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
@@ -37,8 +35,9 @@ from ballast.plugins import retry
 from ballast.plugins.retry import RetryingCall, Settings, backoff_delay, parse_retry_after
 from ballast.plugins.shared_client import Settings as SharedClientSettings
 from ballast.plugins.shared_client import SharedClientProvider
+from ballast.resilience import UpstreamRegistry
 from ballast.telemetry import Telemetry
-from ballast.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse
+from ballast.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse, send_attempt
 
 API_KEY = "sk-test-0123456789abcdef"
 #: Backoff in milliseconds, without jitter, so waits are short and known.
@@ -78,7 +77,7 @@ def make_call(tmp_path: Path, provider: SharedClientProvider) -> Callable[..., C
 
     def make(**settings: Any) -> Call:
         config = retry_config(tmp_path, **{**FAST, **settings})
-        return retry.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
+        return retry.RetryingCall(provider, config.plugin("retry"))
 
     return make
 
@@ -366,7 +365,7 @@ async def test_no_attempt_starts_after_a_wait_that_overran_the_budget(
     async def late_sleep(delay: float) -> None:
         await asyncio.sleep(delay + 0.3)
 
-    monkeypatch.setattr(aiohttp_retry.client, "asyncio", types.SimpleNamespace(sleep=late_sleep))
+    monkeypatch.setattr(retry, "sleep", late_sleep)
     fake.default = Step.status(503)
     with deadline_scope(Deadline.after(0.4)), pytest.raises(UpstreamError) as caught:
         await make_call(start_timeout_s=0.2, max_timeout_s=1.0)(completion(fake))
@@ -401,6 +400,7 @@ async def test_retries_and_the_final_failure_are_logged(fake: FakeUpstream,
     assert [e["delay_ms"] for e in retries] == [10.0, 20.0]
     [failed] = events(logs, "upstream.failed")
     assert failed == {"event": "upstream.failed", "log_level": "error", "name": "test.inference",
+                      "upstream": "upstream",
                       "attempts": 3, "kind": "status", "status": 503, "error_type": None}
 
 
@@ -458,8 +458,7 @@ async def test_retried_responses_are_released_before_the_wait(
     provider = SharedClientProvider(SharedClientSettings(limit=1, limit_per_host=1))
     big = b"x" * (8 * 1024 * 1024)
     fake.script(Step.status(503, body=big, content_type="text/plain"), "ok")
-    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider,
-                                      telemetry=Telemetry())
+    call = retry.RetryingCall(provider, retry_config(tmp_path, **FAST).plugin("retry"))
     try:
         response = await call(completion(fake, timeout_s=2.0))
     finally:
@@ -481,14 +480,14 @@ class RecordingPerCallProvider(PerCallClientProvider):
 
 async def test_a_per_call_session_is_closed_after_the_call(tmp_path: Path, fake: FakeUpstream) -> None:
     provider = RecordingPerCallProvider()
-    call = retry.ballast_upstream_call(config=retry_config(tmp_path, **FAST), provider=provider,
-                                      telemetry=Telemetry())
+    call = retry.RetryingCall(provider, retry_config(tmp_path, **FAST).plugin("retry"))
     fake.script("503", "ok")
     assert (await call(completion(fake))).attempts == 2
     fake.default = Step.status(503)
     with pytest.raises(UpstreamError):
         await call(completion(fake))
-    assert len(provider.handed_out) == 2
+    # One short-lived session per attempt (2 + 3), each closed right after it.
+    assert len(provider.handed_out) == 5
     assert all(s.closed for s in provider.handed_out)
 
 
@@ -508,8 +507,11 @@ async def test_hook_ballast_upstream_call_through_the_plugin_manager(
     path.write_text("[plugins.retry]\nattempts = 2\nstart_timeout_s = 0.01\njitter = false\n")
     config = load_settings(path, environ={"BALLAST__PLUGINS__RETRY__STATUSES": "[500]"})
     plugins = load_plugins(config)
-    call = plugins.hook.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
+    registry = UpstreamRegistry()
+    call = plugins.hook.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry(),
+                                              attempt=send_attempt(provider), upstreams=registry)
     assert isinstance(call, RetryingCall)
+    assert call.upstreams is registry
     assert (call.settings.attempts, call.settings.statuses) == (2, [500])
     fake.default = Step.status(500)
     with pytest.raises(UpstreamError) as caught:
