@@ -15,7 +15,7 @@ from ballast.plugin_manager import BUILTIN_PLUGINS, load_plugins
 
 BUILTINS = [name for name, _ in BUILTIN_PLUGINS]
 #: Builtins that ship disabled (opt-in); every other builtin is on by default.
-OFF_BY_DEFAULT = {"tracing"}
+OFF_BY_DEFAULT = {"tracing", "fallback", "auth"}
 
 
 def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
@@ -28,7 +28,7 @@ def test_plugins_json_lists_every_builtin_in_its_default_state_with_settings() -
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
     assert {"error_sanitizer", "timeout_budget", "retry", "shared_client", "bulkhead",
-            "queue_logging", "metrics", "tracing"} <= set(BUILTINS)
+            "queue_logging", "metrics"} <= set(BUILTINS)
     for name in BUILTINS:
         assert rows[name]["enabled"] is (name not in OFF_BY_DEFAULT), name
         assert rows[name]["source"] == "builtin"
