@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("circuit_breaker", "ballast.plugins.circuit_breaker"),
     ("fallback", "ballast.plugins.fallback"),
     ("metrics", "ballast.plugins.metrics"),
+    ("tracing", "ballast.plugins.tracing"),
 )
 
 

@@ -93,7 +93,7 @@ class FinalizeRunner:
                  wrappers: list[StageWrapper],
                  on_end: Callable[[JobContext], Awaitable[None]],
                  telemetry: Telemetry | None = None) -> None:
-        tel = telemetry or Telemetry()
+        tel = self._telemetry = telemetry or Telemetry()
         self._jobs_total = tel.counter("ballast_finalize_jobs_total")
         self._stage_seconds = tel.histogram("ballast_finalize_stage_duration_seconds")
         self._stages = stages
@@ -114,11 +114,12 @@ class FinalizeRunner:
             t0 = time.perf_counter()
             scope = budget.deadline_scope(job.deadline) if job.deadline else None
             try:
-                if scope is None:
-                    await self._stages[name](job)
-                else:
-                    with scope:
+                with self._telemetry.span(f"finalize {name}", stage=name):
+                    if scope is None:
                         await self._stages[name](job)
+                    else:
+                        with scope:
+                            await self._stages[name](job)
             finally:
                 seconds = time.perf_counter() - t0
                 info["duration_ms"] = int(seconds * 1000)
