@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -44,6 +46,9 @@ KILL_GRACE_S: Final = 5.0
 POLL_S: Final = 0.05
 
 _PR_SET_PDEATHSIG: Final = 1
+
+#: The directory prometheus-client's multiprocess mode shares between the workers.
+METRICS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 log = blog.get_logger("ballast.workers")
 
@@ -93,9 +98,11 @@ class Supervisor:
     _pool: list[_Worker] = field(default_factory=list)
     _stop_signal: str | None = None
 
+    env: dict[str, str] | None = None
+
     def _spawn(self, worker: _Worker) -> None:
         cmd = [*self.command, "--worker-index", str(worker.index)]
-        worker.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        worker.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=self.env)
         worker.started = time.monotonic()
         worker.restart_at = None
         log.info("server.worker_started", worker=worker.index, pid=worker.proc.pid,
@@ -129,6 +136,7 @@ class Supervisor:
                 worker.pause_s = min(worker.pause_s * 2, MAX_RESTART_PAUSE_S) if quick else RESTART_PAUSE_S
                 worker.restart_at = now + worker.pause_s
                 worker.proc = None
+                _forget_metrics_of(proc.pid)
                 log.error("server.worker_exited", worker=worker.index, pid=proc.pid,
                           exit_code=code if code >= 0 else None,
                           signal=signal.Signals(-code).name if code < 0 else None,
@@ -159,10 +167,27 @@ class Supervisor:
         return 0 if clean else 1
 
 
+def _forget_metrics_of(pid: int) -> None:
+    """Drop a dead worker's live gauges from the shared metrics directory, if one is used."""
+    if not os.environ.get(METRICS_DIR_ENV):
+        return
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(pid)
+
+
 def supervise(config_path: str | None, host: str, port: int, workers: int,
               shutdown_timeout_s: float) -> int:
     """Run ``workers`` server processes on ``host:port`` until SIGTERM/SIGINT."""
     reservation = reserve_port(host, port)
+    # Workers write their metrics to one directory (prometheus-client's multiprocess
+    # mode), so that a scrape of any of them can sum all; made fresh for each run.
+    made_dir = None
+    if not os.environ.get(METRICS_DIR_ENV):
+        made_dir = tempfile.mkdtemp(prefix="ballast-metrics-")
+        os.environ[METRICS_DIR_ENV] = made_dir
     try:
         bound_port = int(reservation.getsockname()[1])
         command = [sys.executable, "-m", "ballast.cli", "serve", "--host", host,
@@ -173,6 +198,8 @@ def supervise(config_path: str | None, host: str, port: int, workers: int,
         return supervisor.run()
     finally:
         reservation.close()
+        if made_dir is not None:
+            shutil.rmtree(made_dir, ignore_errors=True)
 
 
 async def gunicorn_app() -> object:
