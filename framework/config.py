@@ -49,9 +49,9 @@ class StorageSettings(_Section):
     url_env: str = ""
     #: PostgreSQL connections per server process.
     pool_size: int = Field(10, ge=1, le=200)
-    #: How long a finalize job's lease lasts without a heartbeat before another server
+    #: How long a finalize job's lease lasts without a renewal before another server
     #: process may take the job over.
-    job_lease_s: float = Field(15.0, gt=0, le=3600)
+    job_lease_s: float = Field(15.0, ge=0.5, le=600)
 
     @model_validator(mode="after")
     def _postgres_needs_url(self) -> StorageSettings:
@@ -70,6 +70,14 @@ class StorageSettings(_Section):
         if not value:
             raise ConfigError(f"storage.url_env: environment variable {self.url_env} is not set")
         return value
+
+
+class SessionSettings(_Section):
+    """Limits of one session (a batch past one is refused whole with a 409 problem)."""
+
+    max_participants: int = Field(1000, ge=1, le=100_000)
+    max_speaker_labels: int = Field(1000, ge=1, le=100_000)
+    max_mutations: int = Field(1_000_000, ge=1, le=100_000_000)
 
 
 class InferenceSettings(_Section):
@@ -101,6 +109,7 @@ class PluginSection(BaseModel):
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
+    sessions: SessionSettings = SessionSettings()
     inference: InferenceSettings = InferenceSettings()
     logging: LoggingSettings = LoggingSettings()
     # Raw until the plugin manager validates each against its plugin's model.

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
     from ballast.config import Config
     from ballast.executor import BlockingExecutor
+    from ballast.jobs import StageWrapper
     from ballast.middleware import MiddlewareSpec
-    from ballast.sessions.finalize import StageWrapper
     from ballast.telemetry import Telemetry
     from ballast.upstream import ClientProvider, UpstreamCall, UpstreamWrapper
 
