@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,11 +22,10 @@ from ballast.keys import CONFIG, EXECUTOR, PLUGINS, STATE, TELEMETRY, UPSTREAM, 
 from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
+from ballast.sessions.backends import make_store
 from ballast.sessions.builtin import BuiltinProvider
 from ballast.sessions.inference import InferenceProvider
 from ballast.sessions.service import SessionService
-from ballast.sessions.sqlite_store import SQLiteStore
-from ballast.sessions.store import SessionLimits
 
 SERVICE = web.AppKey("ballast_sessions", SessionService)
 _SESSION_ID = re.compile(m.SESSION_ID_PATTERN)
@@ -147,11 +145,7 @@ def _failure_hook(app: web.Application) -> Any:
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     storage = config.settings.storage
-    limits = config.settings.sessions
-    store = SQLiteStore(Path(storage.path), durability=storage.durability,
-                        on_failure=_failure_hook(app),
-                        limits=SessionLimits(limits.max_participants, limits.max_speaker_labels,
-                                             limits.max_mutations))
+    store = make_store(config, _failure_hook(app))
     await store.open()
     # Readiness reports a store whose writer has died.
     app[STATE].setdefault("checks", []).append(
