@@ -83,10 +83,8 @@ _SESSION_COLUMNS: Final = (
     "s.sid, s.tenant, s.session_id, s.state, s.title, s.mutation_count, s.last_seq, s.created_at,"
     " coalesce((SELECT array_agg(p.name ORDER BY p.pos) FROM participants p WHERE p.sid = s.sid),"
     " '{}') AS participants,"
-    " coalesce((SELECT array_agg(k.label ORDER BY k.label) FROM speakers k"
-    " WHERE k.sid = s.sid AND k.name IS NOT NULL), '{}') AS labels,"
-    " coalesce((SELECT array_agg(k.name ORDER BY k.label) FROM speakers k"
-    " WHERE k.sid = s.sid AND k.name IS NOT NULL), '{}') AS names"
+    " (SELECT json_object_agg(k.label, k.name ORDER BY k.label) FROM speakers k"
+    " WHERE k.sid = s.sid AND k.name IS NOT NULL)::text AS speakers"
 )
 # Aliased: the session's columns include a ``state`` of their own.
 _JOB_COLUMNS: Final = ", ".join(f"j.{c} AS job_{c}" for c in jobrecord.JOB_COLUMNS)
@@ -149,7 +147,7 @@ def _record(row: Any) -> SessionRecord:
     return SessionRecord(
         session_id=row["session_id"], state=row["state"], title=row["title"],
         participants=list(row["participants"]), mutation_count=row["mutation_count"],
-        last_seq=row["last_seq"], speakers=dict(zip(row["labels"], row["names"], strict=True)),
+        last_seq=row["last_seq"], speakers={} if row["speakers"] is None else orjson.loads(row["speakers"]),
         created_at=row["created_at"], tenant=row["tenant"])
 
 
@@ -519,30 +517,30 @@ class PostgresStore:
 
     async def _load_existing(self, conn: Any, group: list[_Append],
                              sessions: dict[tuple[str, str], _SessionState]) -> None:
-        ids: tuple[list[int], list[str]] = ([], [])
-        names: tuple[list[int], list[str]] = ([], [])
-        labels: tuple[list[int], list[str]] = ([], [])
+        # Each key once: a batch of utterances names the same few labels again and again.
+        id_keys: dict[tuple[int, str], None] = {}
+        name_keys: dict[tuple[int, str], None] = {}
+        label_keys: dict[tuple[int, str], None] = {}
         for item in group:
             session = sessions.get(item.key)
             if session is None:
                 continue
+            sid = session.sid
             for m in item.mutations:
                 type_ = m["type"]
                 if m.get("id") is not None:
-                    ids[0].append(session.sid)
-                    ids[1].append(m["id"])
-                if type_ == "participant_joined":
-                    names[0].append(session.sid)
-                    names[1].append(m["name"])
-                elif type_ in ("utterance", "speaker_renamed"):
-                    labels[0].append(session.sid)
-                    labels[1].append(m["speaker"])
+                    id_keys[(sid, m["id"])] = None
+                if type_ == "utterance" or type_ == "speaker_renamed":
+                    label_keys[(sid, m["speaker"])] = None
+                elif type_ == "participant_joined":
+                    name_keys[(sid, m["name"])] = None
                 elif type_ == "speakers_resolved":
                     for label in m["mapping"]:
-                        labels[0].append(session.sid)
-                        labels[1].append(label)
-        if not (ids[0] or names[0] or labels[0]):
+                        label_keys[(sid, label)] = None
+        if not (id_keys or name_keys or label_keys):
             return
+        ids, names, labels = ([[k[0] for k in keys], [k[1] for k in keys]]
+                              for keys in (id_keys, name_keys, label_keys))
         by_sid = {s.sid: s for s in sessions.values()}
         for kind, sid, key, seq in await conn.fetch(_SELECT_EXISTING, *ids, *names, *labels):
             session = by_sid[sid]
