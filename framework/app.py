@@ -137,9 +137,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if state.get("ready") and not state.get("draining"):
+    # Checks registered by resources (a store whose writer died): a reason, or None.
+    failed = next((r for r in (check() for check in state.get("checks", ())) if r), None)
+    if state.get("ready") and not state.get("draining") and failed is None:
         return web.json_response({"status": "ready"})
-    reason = "draining" if state.get("draining") else "starting"
+    reason = failed or ("draining" if state.get("draining") else "starting")
     return problem_response(503, "Not ready", f"The server is {reason}.", request_id_of(request),
                             headers={"Retry-After": "1"})
 

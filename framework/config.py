@@ -35,12 +35,49 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
+    #: Server processes sharing the port (SO_REUSEPORT); 1 runs in this process.
+    workers: int = Field(1, ge=1, le=64)
 
 
 class StorageSettings(_Section):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/ballast.db"
     durability: Literal["full", "normal"] = "full"
+    #: PostgreSQL: the URL itself, or the name of an environment variable holding it
+    #: (so no password sits in a file). Exactly one is needed with backend "postgres".
+    url: str = ""
+    url_env: str = ""
+    #: PostgreSQL connections per server process.
+    pool_size: int = Field(10, ge=1, le=200)
+    #: How long a finalize job's lease lasts without a renewal before another server
+    #: process may take the job over.
+    job_lease_s: float = Field(15.0, ge=0.5, le=600)
+
+    @model_validator(mode="after")
+    def _postgres_needs_url(self) -> StorageSettings:
+        if self.backend == "postgres" and not (self.url or self.url_env):
+            raise ValueError("url or url_env is required when backend is 'postgres'")
+        if self.url and self.url_env:
+            raise ValueError("set url or url_env, not both")
+        return self
+
+    def postgres_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """The PostgreSQL URL, read from ``url_env`` at the time of the call if named."""
+        if self.url:
+            return self.url
+        env = os.environ if environ is None else environ
+        value = env.get(self.url_env, "")
+        if not value:
+            raise ConfigError(f"storage.url_env: environment variable {self.url_env} is not set")
+        return value
+
+
+class SessionSettings(_Section):
+    """Limits of one session (a batch past one is refused whole with a 409 problem)."""
+
+    max_participants: int = Field(1000, ge=1, le=100_000)
+    max_speaker_labels: int = Field(1000, ge=1, le=100_000)
+    max_mutations: int = Field(1_000_000, ge=1, le=100_000_000)
 
 
 class InferenceSettings(_Section):
@@ -74,6 +111,7 @@ class PluginSection(BaseModel):
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
+    sessions: SessionSettings = SessionSettings()
     inference: InferenceSettings = InferenceSettings()
     logging: LoggingSettings = LoggingSettings()
     # Raw until the plugin manager validates each against its plugin's model.
@@ -106,7 +144,18 @@ def _redact(value: Any, key: str = "") -> Any:
         return {k: _redact(v, k) for k, v in value.items()}
     if key and any(m in key.lower() for m in SECRET_MARKERS) and not key.endswith("_env") and value:
         return "***"
+    if key == "url" and isinstance(value, str):
+        return redact_url(value)
     return value
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
     from ballast.config import Config
     from ballast.executor import BlockingExecutor
+    from ballast.jobs import StageWrapper
     from ballast.middleware import MiddlewareSpec
     from ballast.resilience import UpstreamRegistry
-    from ballast.sessions.finalize import StageWrapper
     from ballast.sessions.inference import InferenceWrapper, RunBlocking
     from ballast.telemetry import Telemetry
     from ballast.upstream import AttemptWrapperSpec, ClientProvider, UpstreamCall, UpstreamWrapper

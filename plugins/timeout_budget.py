@@ -26,8 +26,8 @@ from ballast.budget import Deadline, deadline_scope
 from ballast.config import Config, PluginSection
 from ballast.errors import BudgetExceeded, UpstreamError
 from ballast.hookspecs import hookimpl
+from ballast.jobs import JobContext, JobRun, StageWrapper
 from ballast.middleware import Handler, Middleware, MiddlewareSpec
-from ballast.sessions.finalize import JobContext, JobRun, StageWrapper
 
 ORDER = 200
 

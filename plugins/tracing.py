@@ -13,9 +13,9 @@ tree across services. This plugin makes OpenTelemetry spans (``opentelemetry-api
 * a **client span** per upstream attempt actually sent (attempt wrapper order 900,
   inside the breaker and the cooldown), with ``traceparent`` injected into that
   attempt's outbound headers, so the upstream sees the same trace;
-* a **job span** per finalize run (a finalize wrapper) and a span per finalize stage
-  (the core opens ``telemetry.span(...)`` around each stage; this plugin attaches the
-  :class:`~ballast.telemetry.Tracer` that makes them real).
+* a ``finalize`` span per finalize job run and a ``finalize <stage>`` span per stage
+  (the core opens ``telemetry.span(...)`` around the job and each stage; this plugin
+  attaches the :class:`~ballast.telemetry.Tracer` that makes them real).
 
 Every log line written inside a span carries ``trace_id`` and ``span_id`` (bound with
 structlog's contextvars for the span's duration; the canonical ``http.request`` line
@@ -59,7 +59,6 @@ from ballast.hookspecs import hookimpl
 from ballast.keys import LOG_FIELDS, TELEMETRY
 from ballast.middleware import Handler, MiddlewareSpec
 from ballast.resilience import UpstreamRegistry
-from ballast.sessions.finalize import JobContext, JobRun, StageWrapper
 from ballast.telemetry import Telemetry
 from ballast.upstream import Attempt, AttemptWrapperSpec, UpstreamRequest, UpstreamResponse
 
@@ -205,16 +204,6 @@ class AppTracing:
 
         return traced
 
-    # -- job span ----------------------------------------------------------------------------
-
-    def finalize_wrapper(self, run: JobRun) -> JobRun:
-        async def traced(job: JobContext) -> None:
-            with self._current("finalize", SpanKind.INTERNAL,
-                               {"ballast.session_id": job.session_id, "ballast.job_attempt": job.attempt}):
-                await run(job)
-
-        return traced
-
     async def shutdown(self) -> None:
         # Flushing may wait on the exporter's network: not on the event loop.
         await asyncio.to_thread(self.provider.shutdown)
@@ -259,11 +248,6 @@ def ballast_middlewares(config: Config, telemetry: Telemetry) -> list[Middleware
 def ballast_upstream_attempt_wrappers(config: Config, telemetry: Telemetry,
                                       upstreams: UpstreamRegistry) -> list[AttemptWrapperSpec]:
     return [AttemptWrapperSpec("tracing", ATTEMPT_ORDER, _tracing(config, telemetry).attempt_wrapper)]
-
-
-@hookimpl
-def ballast_finalize_wrappers(config: Config, telemetry: Telemetry) -> list[StageWrapper]:
-    return [_tracing(config, telemetry).finalize_wrapper]
 
 
 @hookimpl

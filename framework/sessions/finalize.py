@@ -1,13 +1,25 @@
 """The finalize job: eight stages that turn a session's mutation log into a report.
 
-A job runs in the background, not inside the request that starts it. Its state and
-per-stage timings are persisted after every stage, so ``GET .../finalize`` can follow it
-and a crash leaves a record that the next start marks failed. A job that fails or runs
-out of budget changes nothing but the session's state and the job record: the log stays,
-and finalize can be run again.
+A job runs in the background, not inside the request that starts it, under a lease in
+the store (:mod:`ballast.sessions.jobrecord` is its state machine):
 
-Plugins wrap the whole run (``ballast_finalize_wrappers``): the timeout budget sets
-``job.deadline`` and cancels a hung stage; the core checks the deadline between stages.
+* START (done by the service) stores the job ``running`` and the session
+  ``finalizing`` in one transaction; that is the ``freeze`` stage's effect.
+* While it runs, the runner renews the lease (a heartbeat every third of the lease)
+  and stores progress after each stage; both name the job's fencing token, so a process
+  whose job was taken over learns it at its next write and stops (``LeaseLost``).
+* END is the ``persist`` stage: the report, the job's end state and the session's end
+  state are written in ONE transaction. It is outside the time budget and is retried
+  with capped backoff until the store takes it, so no timeout, cancellation or store
+  outage can leave the job and its session disagreeing; meanwhile the job reads
+  ``running`` (it has not ended in the store), never a state the store does not have.
+* A shutdown releases the lease (the job stays ``running``), so the next process to
+  start claims it at once and runs it again. Every stage is idempotent: running a job
+  twice (at-least-once) gives the same report.
+
+Plugins wrap the run of the stages before ``persist`` (``ballast_finalize_wrappers``):
+the timeout budget sets ``job.deadline`` and cancels a hung stage; the core checks the
+deadline between stages.
 """
 
 from __future__ import annotations
@@ -15,67 +27,39 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Final, TypeVar
 
 from ballast import budget
-from ballast.errors import BallastError, BudgetExceeded, UpstreamError
+from ballast.errors import BallastError, BudgetExceeded, Overloaded, UpstreamError
+from ballast.jobs import JobContext, JobRun, StageWrapper
 from ballast.logging import get_logger
+from ballast.sessions.store import Lease, LeaseLost, Store
 from ballast.telemetry import Telemetry
 
-STAGES = ("freeze", "drain", "replay", "reconcile", "stats", "events", "report", "persist")
+STAGES: Final = ("freeze", "drain", "replay", "reconcile", "stats", "events", "report", "persist")
+
+#: Backoff of the END write while the store refuses it: first delay and cap (seconds).
+END_RETRY_FIRST_S: Final = 0.05
+END_RETRY_MAX_S: Final = 2.0
+
+#: How long a shutting-down process tries to hand its job's lease back.
+RELEASE_TIMEOUT_S: Final = 2.0
+
+T = TypeVar("T")
+StageFn = Callable[[JobContext], Awaitable[None]]
 
 log = get_logger("ballast.finalize")
 
-
-@dataclass(slots=True)
-class JobContext:
-    """One finalize attempt as it runs; ``record()`` is what is persisted and served."""
-
-    session_id: str
-    attempt: int
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-    deadline: budget.Deadline | None = None
-    state: str = "running"
-    current: str | None = None
-    stages: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"name": s, "state": "pending", "duration_ms": None} for s in STAGES])
-    error: dict[str, str] | None = None
-    #: Set once the end state is fully applied (session state first): until then the job
-    #: reads as running, so a client never sees a failed job on a still-finalizing session.
-    done: bool = False
-    elapsed_ms: int = 0
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def elapsed(self) -> int:
-        return int((time.monotonic() - self.started) * 1000)
-
-    def record(self) -> dict[str, Any]:
-        elapsed = self.elapsed_ms if self.done else self.elapsed()
-        return {
-            "state": self.state if self.done else "running",
-            "attempt": self.attempt,
-            "budget_ms": None if self.deadline is None else int(self.deadline.budget_s * 1000),
-            "elapsed_ms": elapsed,
-            "stages": [dict(s) for s in self.stages],
-            "error": self.error,
-            "started_at": self.started_at,
-        }
+TIMED_OUT_ERROR: Final = {
+    "title": "Finalize timed out",
+    "detail": "The job did not finish within its time budget; the session data is intact, "
+              "run finalize again.",
+}
 
 
-JobRun = Callable[[JobContext], Awaitable[None]]
-StageWrapper = Callable[[JobRun], JobRun]
-StageFn = Callable[[JobContext], Awaitable[None]]
-
-
-def public_job(record: dict[str, Any]) -> dict[str, Any]:
-    """The job as the API shows it (internal bookkeeping keys dropped)."""
-    return {k: record[k] for k in ("state", "attempt", "budget_ms", "elapsed_ms", "stages", "error")}
-
-
-def _public_error(stage: str | None, exc: BaseException) -> dict[str, str]:
+def public_error(stage: str | None, exc: BaseException) -> dict[str, str]:
+    """What a client may read about a failed stage."""
     if isinstance(exc, UpstreamError):
         return {"title": "Report generation unavailable",
                 "detail": "The inference service was temporarily unavailable; run finalize again."}
@@ -86,27 +70,72 @@ def _public_error(stage: str | None, exc: BaseException) -> dict[str, str]:
                       "run finalize again."}
 
 
-class FinalizeRunner:
-    """Runs the stages of one job, persisting the record as it goes."""
+async def until_capacity(call: Callable[[], Awaitable[T]]) -> T:
+    """Await ``call()``, again and again while the executor is full.
 
-    def __init__(self, stages: dict[str, StageFn], save: Callable[[JobContext], Awaitable[None]],
-                 wrappers: list[StageWrapper],
-                 on_end: Callable[[JobContext], Awaitable[None]],
-                 telemetry: Telemetry | None = None) -> None:
+    A request refused by a full executor is answered 503 and its client retries; a
+    background job has no client to do that, so it waits here, with backoff. The job's
+    time budget (enforced by cancellation) is what bounds the wait: a job fails for
+    overload only when its budget runs out.
+    """
+    delay = 0.02
+    while True:
+        try:
+            return await call()
+        except Overloaded:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class FinalizeRunner:
+    """Runs one leased job to an end state that the store has durably taken."""
+
+    def __init__(self, stages: dict[str, StageFn], store: Store, wrappers: list[StageWrapper],
+                 *, lease_s: float, telemetry: Telemetry | None = None) -> None:
         tel = self._telemetry = telemetry or Telemetry()
         self._jobs_total = tel.counter("ballast_finalize_jobs_total")
         self._stage_seconds = tel.histogram("ballast_finalize_stage_duration_seconds")
         self._stages = stages
-        self._save = save
-        self._on_end = on_end
+        self._store = store
+        self._lease_s = lease_s
         run: JobRun = self._run_stages
         for wrap in reversed(wrappers):
             run = wrap(run)
         self._run = run
 
+    async def execute(self, job: JobContext, lease: Lease) -> None:
+        """Run the job to its end; never raises except on cancellation (a shutdown)."""
+        task = asyncio.current_task()
+        assert task is not None
+        lost: list[bool] = []
+        beat = asyncio.create_task(self._heartbeat(job, lease, task, lost),
+                                   name=f"finalize-lease:{job.session_id}")
+        try:
+            try:
+                with self._telemetry.span("finalize", session_id=job.session_id, job_attempt=job.attempt):
+                    await self._outcome(job, lease)
+                    with self._persist_span(job):
+                        await self._end(job, lease)
+            except LeaseLost:
+                lost.append(True)
+            except asyncio.CancelledError:
+                if not lost:
+                    await self._release(job, lease)
+                    raise
+                task.uncancel()
+            if lost:
+                log.warning("finalize.lease_lost", session_id=job.session_id, attempt=job.attempt,
+                            stage=job.current)
+        finally:
+            beat.cancel()
+
+    # ------------------------------------------------------------------ the stages
+
     async def _run_stages(self, job: JobContext) -> None:
         for info in job.stages:
             name = info["name"]
+            if name not in self._stages:  # persist: the END transition, outside the run
+                break
             job.current = name
             if job.deadline is not None:
                 job.deadline.check(f"stage {name}")
@@ -127,47 +156,128 @@ class FinalizeRunner:
             info["state"] = "succeeded"
             log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt, stage=name,
                      state="succeeded", duration_ms=info["duration_ms"])
-            await self._save(job)
+            await self._save_progress(job, job.data["lease"])
 
-    async def execute(self, job: JobContext) -> None:
-        """Run the job to an end state; never raises except on cancellation."""
+    async def _save_progress(self, job: JobContext, lease: Lease) -> None:
+        """Store progress for readers in other processes; a store error only delays it."""
+        try:
+            await self._store.save_progress(lease, job.progress(), self._lease_s)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            log.warning("finalize.progress_not_saved", session_id=job.session_id,
+                        attempt=job.attempt, stage=job.current, error_type=type(exc).__name__)
+
+    async def _outcome(self, job: JobContext, lease: Lease) -> None:
+        """Run the wrapped stages; set ``job.state`` and ``job.error`` from how they ended."""
+        job.data["lease"] = lease
         try:
             await self._run(job)
             job.state = "succeeded"
         except BudgetExceeded:
             job.state = "timed_out"
             self._mark_current(job, "timed_out")
-            job.error = {"title": "Finalize timed out",
-                         "detail": "The job did not finish within its time budget; "
-                                   "the session data is intact, run finalize again."}
+            job.error = dict(TIMED_OUT_ERROR)
             log.warning("finalize.timed_out", session_id=job.session_id, attempt=job.attempt,
-                        stage=job.current, budget_ms=job.record()["budget_ms"], elapsed_ms=job.elapsed())
-        except asyncio.CancelledError:
-            job.state = "failed"
-            self._mark_current(job, "failed")
-            job.error = {"title": "Finalize interrupted",
-                         "detail": "The server stopped while the job was running; run finalize again."}
-            await self._finish(job)
+                        stage=job.current, budget_ms=job.budget_ms(), elapsed_ms=job.elapsed())
+        except (asyncio.CancelledError, LeaseLost):
             raise
         except Exception as exc:
             job.state = "failed"
             self._mark_current(job, "failed")
-            job.error = _public_error(job.current, exc)
+            job.error = public_error(job.current, exc)
             log.error("finalize.failed", session_id=job.session_id, attempt=job.attempt,
                       stage=job.current, error_type=type(exc).__name__, error=str(exc))
-        await self._finish(job)
 
-    async def _finish(self, job: JobContext) -> None:
-        job.elapsed_ms = job.elapsed()
+    # ------------------------------------------------------------------ END
+
+    async def _end(self, job: JobContext, lease: Lease) -> None:
+        """The END transition, retried with capped backoff until the store takes it."""
+        report = job.data.pop("report", None) if job.state == "succeeded" else None
+        t0 = time.perf_counter()
+        persist = job.stages[-1]
+        if job.state == "succeeded":
+            job.current = persist["name"]
+            persist["state"] = "running"
         for info in job.stages:
             if info["state"] == "pending" and job.state != "succeeded":
                 info["state"] = "skipped"
+        delay, tries = END_RETRY_FIRST_S, 0
+        while True:
+            job.elapsed_ms = job.elapsed()
+            if job.state == "succeeded":
+                persist["state"] = "succeeded"
+                persist["duration_ms"] = int((time.perf_counter() - t0) * 1000)
+            progress = job.progress()
+            if job.state == "succeeded":
+                persist["state"] = "running"
+            try:
+                await self._store.finish_job(lease, job.state, progress, report)
+                break
+            except LeaseLost:
+                if not await self._ended_by_us(job, lease):
+                    raise
+                break
+            except Exception as exc:
+                tries += 1
+                log.warning("finalize.end_retry", session_id=job.session_id, attempt=job.attempt,
+                            state=job.state, tries=tries, retry_in_ms=int(delay * 1000),
+                            error_type=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, END_RETRY_MAX_S)
         self._jobs_total.inc(job.state)
+        if job.state == "succeeded":
+            persist["state"] = "succeeded"
+            seconds = time.perf_counter() - t0
+            persist["duration_ms"] = int(seconds * 1000)
+            self._stage_seconds.observe(seconds, persist["name"])
+            log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt,
+                     stage=persist["name"], state="succeeded", duration_ms=persist["duration_ms"])
+        job.data.clear()
+        job.done = True
+        log.info("finalize.completed", session_id=job.session_id, attempt=job.attempt,
+                 state=job.state, elapsed_ms=job.elapsed_ms)
+
+    def _persist_span(self, job: JobContext) -> AbstractContextManager[object]:
+        """The span of the persist stage: the END transition of a job that succeeded."""
+        if job.state != "succeeded":
+            return nullcontext()
+        return self._telemetry.span("finalize persist", stage="persist")
+
+    async def _ended_by_us(self, job: JobContext, lease: Lease) -> bool:
+        """After LeaseLost on END: did an earlier try of ours commit (its answer was lost)?"""
         try:
-            await self._on_end(job)
-        finally:
-            log.info("finalize.completed", session_id=job.session_id, attempt=job.attempt,
-                     state=job.state, elapsed_ms=job.elapsed_ms)
+            stored = await self._store.get_job(lease.tenant, lease.session_id)
+        except Exception:
+            return False
+        return stored is not None and stored.fence == lease.fence and stored.state == job.state
+
+    # ------------------------------------------------------------------ the lease
+
+    async def _heartbeat(self, job: JobContext, lease: Lease, run: asyncio.Task[Any],
+                         lost: list[bool]) -> None:
+        interval = self._lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._store.renew_lease(lease, self._lease_s)
+            except LeaseLost:
+                lost.append(True)
+                run.cancel()
+                return
+            except Exception as exc:
+                log.warning("finalize.lease_renew_failed", session_id=job.session_id,
+                            attempt=job.attempt, error_type=type(exc).__name__)
+
+    async def _release(self, job: JobContext, lease: Lease) -> None:
+        """Shutdown: hand the lease back so the next process claims the job at once."""
+        try:
+            await asyncio.wait_for(self._store.release_job(lease), RELEASE_TIMEOUT_S)
+            released = True
+        except (Exception, asyncio.CancelledError):
+            released = False
+        log.info("finalize.released", session_id=job.session_id, attempt=job.attempt,
+                 stage=job.current, released=released)
 
     @staticmethod
     def _mark_current(job: JobContext, state: str) -> None:

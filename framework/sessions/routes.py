@@ -2,7 +2,8 @@
 
 Handlers only translate: validate input with the models, call the service, serialise.
 Every error they raise is typed (:mod:`ballast.errors`) and becomes a problem
-response in the request path.
+response in the request path. Every handler acts for the request's tenant
+(:func:`ballast.keys.tenant_of`), and the service sees only that tenant's sessions.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ballast.errors import ClientError, ConfigError, NotFound
-from ballast.keys import CONFIG, EXECUTOR, PLUGINS, TELEMETRY, UPSTREAM
+from ballast.keys import CONFIG, EXECUTOR, PLUGINS, STATE, TELEMETRY, UPSTREAM, tenant_of
 from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
+from ballast.sessions.backends import make_store
 from ballast.sessions.builtin import BuiltinProvider
 from ballast.sessions.inference import DEGRADED_HEADER, InferenceProvider, wrap_provider
 from ballast.sessions.service import SessionService
-from ballast.sessions.sqlite_store import SQLiteStore
 
 SERVICE = web.AppKey("ballast_sessions", SessionService)
 _SESSION_ID = re.compile(m.SESSION_ID_PATTERN)
@@ -59,12 +59,13 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 async def create_session(request: web.Request) -> web.Response:
     body = await read_model(request, m.CreateSession)
     sid = body.session_id or secrets.token_urlsafe(12).replace("-", "_")
-    view = await request.app[SERVICE].create(sid, body.title, [p.name for p in body.participants])
+    view = await request.app[SERVICE].create(tenant_of(request), sid, body.title,
+                                             [p.name for p in body.participants])
     return _json(view, 201)
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return _json(await request.app[SERVICE].get(_session_id(request)))
+    return _json(await request.app[SERVICE].get(tenant_of(request), _session_id(request)))
 
 
 async def append_mutations(request: web.Request) -> web.Response:
@@ -72,14 +73,14 @@ async def append_mutations(request: web.Request) -> web.Response:
     batch = await read_model(request, m.MutationBatch)
     # One dump of the whole batch: the same dicts as dumping each item, for half the cost.
     mutations: list[dict[str, Any]] = batch.model_dump(exclude_none=False)["mutations"]
-    return _json(await request.app[SERVICE].append(sid, mutations))
+    return _json(await request.app[SERVICE].append(tenant_of(request), sid, mutations))
 
 
 async def list_mutations(request: web.Request) -> web.Response:
     sid = _session_id(request)
     after = _int_param(request, "after", 0, 0, 2**53)
     limit = _int_param(request, "limit", 100, 1, 1000)
-    return _json(await request.app[SERVICE].list_mutations(sid, after, limit))
+    return _json(await request.app[SERVICE].list_mutations(tenant_of(request), sid, after, limit))
 
 
 async def _no_body(request: web.Request) -> None:
@@ -92,21 +93,21 @@ async def _no_body(request: web.Request) -> None:
 async def resolve(request: web.Request) -> web.Response:
     sid = _session_id(request)
     await _no_body(request)
-    return _marked(await request.app[SERVICE].resolve(sid))
+    return _marked(await request.app[SERVICE].resolve(tenant_of(request), sid))
 
 
 async def start_finalize(request: web.Request) -> web.Response:
     sid = _session_id(request)
     await _no_body(request)
-    return _json({"job": await request.app[SERVICE].start_finalize(sid)}, 202)
+    return _json({"job": await request.app[SERVICE].start_finalize(tenant_of(request), sid)}, 202)
 
 
 async def get_finalize(request: web.Request) -> web.Response:
-    return _json({"job": await request.app[SERVICE].get_job(_session_id(request))})
+    return _json({"job": await request.app[SERVICE].get_job(tenant_of(request), _session_id(request))})
 
 
 async def get_report(request: web.Request) -> web.Response:
-    return _marked(await request.app[SERVICE].get_report(_session_id(request)))
+    return _marked(await request.app[SERVICE].get_report(tenant_of(request), _session_id(request)))
 
 
 def _marked(data: dict[str, Any]) -> web.Response:
@@ -152,20 +153,21 @@ def _failure_hook(app: web.Application) -> Any:
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     storage = config.settings.storage
-    store = SQLiteStore(Path(storage.path), durability=storage.durability,
-                        on_failure=_failure_hook(app), telemetry=app[TELEMETRY])
+    store = make_store(config, _failure_hook(app), telemetry=app[TELEMETRY])
     await store.open()
-    interrupted = await store.recover()
-    if interrupted:
-        log.warning("finalize.recovered", jobs=interrupted)
+    # Readiness reports a store whose writer has died.
+    app[STATE].setdefault("checks", []).append(
+        lambda: None if store.failure is None else "unable to store data")
     hook = app[PLUGINS].hook
     provider = wrap_provider(make_provider(app), [w for group in reversed(hook.ballast_inference_wrappers(
         config=config, telemetry=app[TELEMETRY], run_blocking=app[EXECUTOR].run)) for w in group])
     # Registration order, first outermost (pluggy returns the last registered first).
     groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config, telemetry=app[TELEMETRY])
     wrappers = [w for group in reversed(groups) for w in group]
-    service = SessionService(store, app[EXECUTOR], provider, wrappers, telemetry=app[TELEMETRY])
+    service = SessionService(store, app[EXECUTOR], provider, wrappers, lease_s=storage.job_lease_s,
+                             telemetry=app[TELEMETRY])
     app[SERVICE] = service
+    await service.start()
     try:
         yield
     finally:

@@ -1,77 +1,148 @@
 """The session service: what the HTTP handlers ask for, above the store and inference.
 
 Holds the rules of the API (states, idempotent mutations, one finalize job at a time per
-session) and runs finalize jobs as background tasks. Knows no plugin: it is given the
-executor for blocking work, the inference provider, the failure hook and the finalize
-wrappers when the app is built.
+session) and runs finalize jobs as background tasks. Every method takes the caller's
+tenant and passes it to the store, which sees only that tenant's sessions: another
+tenant's session is exactly as absent as one that never existed. Knows no plugin: it is
+given the executor for blocking work, the inference provider, the failure hook and the
+finalize wrappers when the app is built.
+
+Finalize jobs are leased (see :mod:`ballast.sessions.finalize`). A job is live in this
+process only once its START transaction has committed AND its task exists; both happen
+in one shielded step, so a request cancelled meanwhile (its budget ran out) cannot
+leave a stored job without a task. A sweeper claims jobs whose lease expired (their
+process died) and carries them to an end here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from ballast import budget
-from ballast.errors import Conflict, NotFound, Overloaded, UpstreamError
+from ballast.errors import Conflict, NotFound, UpstreamError
 from ballast.executor import BlockingExecutor
+from ballast.jobs import JobContext, StageWrapper
 from ballast.logging import get_logger
 from ballast.resilience import republished
 from ballast.sessions import analysis
-from ballast.sessions.finalize import FinalizeRunner, JobContext, StageWrapper, public_job
+from ballast.sessions.finalize import STAGES, FinalizeRunner, until_capacity
 from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
-from ballast.sessions.store import SessionRecord, Store
+from ballast.sessions.store import Lease, SessionRecord, Store, session_not_found
 from ballast.telemetry import Telemetry
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")
 RESOLVE_UNAVAILABLE = "Speaker resolution temporarily unavailable"
 
+Key = tuple[str, str]  # (tenant, session_id)
 
-def _not_found(session_id: str) -> NotFound:
-    return NotFound(f"Session '{session_id}' does not exist.")
+
+def process_owner() -> str:
+    """A lease owner id unique to this process (host, pid and a random part)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class SessionService:
     def __init__(self, store: Store, executor: BlockingExecutor, provider: InferenceProvider,
-                 finalize_wrappers: list[StageWrapper], telemetry: Telemetry | None = None) -> None:
+                 finalize_wrappers: list[StageWrapper], *, lease_s: float = 15.0,
+                 owner: str | None = None, telemetry: Telemetry | None = None) -> None:
         self.store = store
         self.executor = executor
         self.provider = provider
-        self._jobs: dict[str, asyncio.Task[None]] = {}
-        self._live: dict[str, JobContext] = {}
-        self._lock = asyncio.Lock()
+        self.lease_s = lease_s
+        self.owner = owner or process_owner()
+        self._jobs: dict[Key, asyncio.Task[None]] = {}
+        self._live: dict[Key, JobContext] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._runner = FinalizeRunner(
             {"freeze": self._freeze, "drain": self._drain, "replay": self._replay,
              "reconcile": self._reconcile, "stats": self._stats, "events": self._events,
-             "report": self._report, "persist": self._persist},
-            save=self._save_job, wrappers=finalize_wrappers, on_end=self._job_ended,
-            telemetry=telemetry)
+             "report": self._report},
+            store, finalize_wrappers, lease_s=lease_s, telemetry=telemetry)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> int:
+        """Claim the jobs left behind by stopped processes, then keep sweeping for them.
+
+        Returns how many jobs were claimed now.
+        """
+        claimed = await self._claim()
+        if claimed:
+            log.warning("finalize.recovered", jobs=claimed)
+        self._sweeper = asyncio.create_task(self._sweep(), name="finalize-sweeper")
+        return claimed
+
+    async def close(self) -> None:
+        """Stop sweeping; cancel running jobs, each handing its lease back."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        tasks = list(self._jobs.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        interval = max(0.2, self.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._claim()
+            except Exception as exc:
+                log.warning("finalize.claim_failed", error_type=type(exc).__name__)
+
+    async def _claim(self) -> int:
+        claimed = await self.store.claim_expired_jobs(self.owner, self.lease_s)
+        for c in claimed:
+            job = JobContext(c.lease.session_id, c.job.attempt, STAGES, tenant=c.lease.tenant)
+            log.warning("finalize.taken_over", session_id=c.lease.session_id, attempt=c.job.attempt,
+                        takeovers=c.job.takeovers)
+            self._launch(job, c.lease)
+        return len(claimed)
 
     # ---------------------------------------------------------------- sessions
 
-    async def create(self, session_id: str, title: str | None, participants: list[str]) -> dict[str, Any]:
-        record = await self.store.create_session(session_id, title, participants)
+    async def create(self, tenant: str, session_id: str, title: str | None,
+                     participants: list[str]) -> dict[str, Any]:
+        record = await self.store.create_session(tenant, session_id, title, participants)
         return self._session_view(record, None)
 
-    async def get(self, session_id: str) -> dict[str, Any]:
+    async def get(self, tenant: str, session_id: str) -> dict[str, Any]:
         # The hot read: one trip to the store. A running job is served from memory (it
         # is ahead of its stored record), so only then is the session read alone.
-        live = self._live.get(session_id)
+        live = self._live.get((tenant, session_id))
         if live is not None:
-            record = await self.store.get_session(session_id)
+            record = await self.store.get_session(tenant, session_id)
             job: dict[str, Any] | None = live.record()
         else:
-            record, job = await self.store.get_session_with_job(session_id)
+            record, stored = await self.store.get_session_with_job(tenant, session_id)
+            job = None if stored is None else stored.view()
         if record is None:
-            raise _not_found(session_id)
+            raise session_not_found(session_id)
         return self._session_view(record, job)
 
-    async def _require(self, session_id: str) -> SessionRecord:
-        record = await self.store.get_session(session_id)
+    async def list_sessions(self, tenant: str, after: str | None, limit: int) -> dict[str, Any]:
+        """The tenant's sessions in creation order, a page at a time."""
+        pairs = await self.store.list_sessions(tenant, after, limit)
+        views = []
+        for record, stored in pairs:
+            live = self._live.get((tenant, record.session_id))
+            job = live.record() if live is not None else (None if stored is None else stored.view())
+            views.append(self._session_view(record, job))
+        next_after = pairs[-1][0].session_id if len(pairs) == limit else None
+        return {"sessions": views, "next_after": next_after}
+
+    async def _require(self, tenant: str, session_id: str) -> SessionRecord:
+        record = await self.store.get_session(tenant, session_id)
         if record is None:
-            raise _not_found(session_id)
+            raise session_not_found(session_id)
         return record
 
     def _session_view(self, r: SessionRecord, job: dict[str, Any] | None) -> dict[str, Any]:
@@ -79,30 +150,30 @@ class SessionService:
             "session_id": r.session_id, "state": r.state, "title": r.title,
             "participants": [{"name": n} for n in r.participants],
             "mutation_count": r.mutation_count, "last_seq": r.last_seq,
-            "speakers": r.speakers, "finalize": public_job(job) if job else None,
+            "speakers": r.speakers, "finalize": job,
         }
 
     # ---------------------------------------------------------------- mutations
 
-    async def append(self, session_id: str, mutations: list[dict[str, Any]]) -> dict[str, Any]:
-        result = await self.store.append(session_id, mutations)
+    async def append(self, tenant: str, session_id: str, mutations: list[dict[str, Any]]) -> dict[str, Any]:
+        result = await self.store.append(tenant, session_id, mutations)
         return {"accepted": [{"id": a.id, "seq": a.seq, "duplicate": a.duplicate} for a in result.accepted],
                 "last_seq": result.last_seq}
 
-    async def list_mutations(self, session_id: str, after: int, limit: int) -> dict[str, Any]:
-        await self._require(session_id)
-        rows = await self.store.list_mutations(session_id, after, limit)
+    async def list_mutations(self, tenant: str, session_id: str, after: int, limit: int) -> dict[str, Any]:
+        await self._require(tenant, session_id)
+        rows = await self.store.list_mutations(tenant, session_id, after, limit)
         next_after = rows[-1]["seq"] if len(rows) == limit else None
         return {"mutations": rows, "next_after": next_after}
 
     # ---------------------------------------------------------------- resolve
 
-    async def resolve(self, session_id: str) -> dict[str, Any]:
-        record = await self._require(session_id)
+    async def resolve(self, tenant: str, session_id: str) -> dict[str, Any]:
+        record = await self._require(tenant, session_id)
         if record.state != "open":
             raise Conflict(f"Session '{session_id}' is {record.state}; speakers are resolved only "
                            "while it is open.")
-        utterances = await self.executor.run(self._utterances, session_id)
+        utterances = await self.executor.run(self._utterances, tenant, session_id)
         try:
             reply = await self.provider.resolve(ResolveInput(
                 session_id, list(record.participants), utterances, dict(record.speakers)))
@@ -112,91 +183,93 @@ class SessionService:
         labels = {u[0] for u in utterances}
         mapping = {k: v for k, v in reply.mapping.items() if k in labels and v}
         if mapping:
-            await self.store.append(session_id, [{"type": "speakers_resolved", "mapping": mapping}])
-        updated = await self._require(session_id)
+            await self.store.append(tenant, session_id, [{"type": "speakers_resolved", "mapping": mapping}])
+        updated = await self._require(tenant, session_id)
         return {"speakers": updated.speakers, **({"degraded": True} if reply.degraded else {})}
 
-    def _utterances(self, session_id: str) -> list[tuple[str, int, int, str]]:
+    def _utterances(self, tenant: str, session_id: str) -> list[tuple[str, int, int, str]]:
         return [(r["speaker"], r["start_ms"], r["end_ms"], r["text"])
-                for r in self.store.iter_mutations(session_id) if r["type"] == "utterance"]
+                for r in self.store.iter_mutations(tenant, session_id) if r["type"] == "utterance"]
 
     # ---------------------------------------------------------------- finalize
 
-    async def _job(self, session_id: str) -> dict[str, Any] | None:
-        live = self._live.get(session_id)
+    async def _job(self, tenant: str, session_id: str) -> dict[str, Any] | None:
+        live = self._live.get((tenant, session_id))
         if live is not None:
             return live.record()
-        return await self.store.get_job(session_id)
+        stored = await self.store.get_job(tenant, session_id)
+        return None if stored is None else stored.view()
 
-    async def get_job(self, session_id: str) -> dict[str, Any]:
-        await self._require(session_id)
-        job = await self._job(session_id)
+    async def get_job(self, tenant: str, session_id: str) -> dict[str, Any]:
+        await self._require(tenant, session_id)
+        job = await self._job(tenant, session_id)
         if job is None:
             raise NotFound(f"Session '{session_id}' has no finalize job; POST to start one.")
-        return public_job(job)
+        return job
 
-    async def start_finalize(self, session_id: str) -> dict[str, Any]:
-        async with self._lock:
-            record = await self._require(session_id)
-            previous = await self._job(session_id)
-            if previous is not None and previous["state"] in ("running", "succeeded"):
-                return public_job(previous)
-            if record.state == "finalized":
-                raise Conflict(f"Session '{session_id}' is already finalized.")
-            job = JobContext(session_id, attempt=(previous["attempt"] + 1) if previous else 1)
-            self._live[session_id] = job
-            await self._save_job(job)
-            with budget.unbounded():  # the job has its own budget, not this request's
-                self._jobs[session_id] = asyncio.create_task(self._runner.execute(job),
-                                                             name=f"finalize:{session_id}")
-            return public_job(job.record())
+    async def start_finalize(self, tenant: str, session_id: str) -> dict[str, Any]:
+        """Start a finalize attempt, or return the job that runs (or has succeeded).
 
-    async def _save_job(self, job: JobContext) -> None:
-        await self.store.save_job(job.session_id, job.record())
+        Shielded: once the START transaction is sent, its outcome is followed through
+        even if this request is cancelled (its budget ran out), so a committed job
+        always gets its task, and an uncommitted one leaves nothing behind.
+        """
+        live = self._live.get((tenant, session_id))
+        if live is not None:
+            return live.record()
+        return await asyncio.shield(self._start(tenant, session_id))
 
-    async def _job_ended(self, job: JobContext) -> None:
+    async def _start(self, tenant: str, session_id: str) -> dict[str, Any]:
+        job = JobContext(session_id, 0, STAGES, tenant=tenant)
+        start = await self.store.start_job(tenant, session_id, self.owner, self.lease_s, job.progress())
+        if start.lease is None:
+            live = self._live.get((tenant, session_id))
+            return live.record() if live is not None else start.job.view()
+        job.attempt = start.job.attempt
+        self._launch(job, start.lease)
+        # Let the job's task begin: its wrappers set the budget, which the 202 then shows.
+        await asyncio.sleep(0)
+        return job.record()
+
+    def _launch(self, job: JobContext, lease: Lease) -> None:
+        """Register the job and create its task, with no await in between."""
+        key = (job.tenant, job.session_id)
+        self._live[key] = job
+        with budget.unbounded():  # the job has its own budget, not the request's
+            self._jobs[key] = asyncio.create_task(self._execute(job, lease),
+                                                  name=f"finalize:{job.session_id}")
+
+    async def _execute(self, job: JobContext, lease: Lease) -> None:
+        key = (job.tenant, job.session_id)
         try:
-            if job.state != "succeeded":
-                await self.store.set_state(job.session_id, "failed", expect=("finalizing",))
+            await self._runner.execute(job, lease)
         finally:
-            job.done = True
-            try:
-                await self._save_job(job)
-            finally:
-                # A client that saw this job end may already have started the next
-                # attempt while the record was being saved: leave that one registered.
-                if self._live.get(job.session_id) is job:
-                    del self._live[job.session_id]
-                if self._jobs.get(job.session_id) is asyncio.current_task():
-                    del self._jobs[job.session_id]
+            # A client that saw this job end may already have started the next attempt:
+            # leave that one registered.
+            if self._live.get(key) is job:
+                del self._live[key]
+            if self._jobs.get(key) is asyncio.current_task():
+                del self._jobs[key]
 
     async def _job_blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
-        """Blocking work of a finalize job: wait for capacity rather than fail the job.
-
-        A request refused by a full executor is answered 503 and its client retries; a
-        background job has no client to do that, so it retries here, with backoff, for
-        as long as its time budget allows.
-        """
-        delay = 0.02
-        while True:
-            try:
-                return await self.executor.run(fn, *args)
-            except Overloaded:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        """Blocking work of a finalize job, waiting for executor capacity within its budget."""
+        return await until_capacity(lambda: self.executor.run(fn, *args))
 
     async def _freeze(self, job: JobContext) -> None:
-        if not await self.store.set_state(job.session_id, "finalizing", expect=("open", "failed")):
-            raise Conflict(f"Session '{job.session_id}' cannot be finalized in its current state.")
+        # START set the session finalizing in the job's own transaction: no append
+        # commits after it, so there is nothing left to do but record the stage.
+        return None
 
     async def _drain(self, job: JobContext) -> None:
-        await self.store.drain(job.session_id)
+        await self.store.drain(job.tenant, job.session_id)
 
     async def _replay(self, job: JobContext) -> None:
         # Frozen and drained: this record stays current for the rest of the job.
-        record = job.data["record"] = await self._require(job.session_id)
+        record = await self._require(job.tenant, job.session_id)
+        job.data["record"] = record
         job.data["state"] = await self._job_blocking(
-            lambda: analysis.replay(self.store.iter_mutations(job.session_id), record.participants))
+            lambda: analysis.replay(self.store.iter_mutations(job.tenant, job.session_id),
+                                    record.participants))
 
     async def _reconcile(self, job: JobContext) -> None:
         job.data["reconciled"] = await self._job_blocking(analysis.reconcile, job.data.pop("state"))
@@ -211,10 +284,12 @@ class SessionService:
         record: SessionRecord = job.data["record"]
         rec = job.data["reconciled"]
         stats = job.data["stats"]
-        draft = await self.provider.report(ReportInput(
+        data = ReportInput(
             session_id=job.session_id, title=record.title, participants=list(record.participants),
             speakers=dict(rec.state.speakers), stats=stats, utterances=rec.utterances(),
-            notes=[n.text for n in rec.state.notes]))
+            notes=[n.text for n in rec.state.notes])
+        # The builtin provider runs on the executor: wait for capacity like every stage.
+        draft = await until_capacity(lambda: self.provider.report(data))
         job.data["report"] = {
             "session_id": job.session_id, "title": record.title,
             "summary": draft.summary, "highlights": list(draft.highlights),
@@ -225,21 +300,10 @@ class SessionService:
             **({"degraded": True} if draft.degraded else {}),
         }
 
-    async def _persist(self, job: JobContext) -> None:
-        await self.store.save_report(job.session_id, job.data.pop("report"))
-        await self.store.set_state(job.session_id, "finalized", expect=("finalizing",))
-        job.data.clear()
-
-    async def get_report(self, session_id: str) -> dict[str, Any]:
-        await self._require(session_id)
-        report = await self.store.get_report(session_id)
+    async def get_report(self, tenant: str, session_id: str) -> dict[str, Any]:
+        await self._require(tenant, session_id)
+        report = await self.store.get_report(tenant, session_id)
         if report is None:
             raise NotFound(f"Session '{session_id}' has no report yet; finalize it first.")
         return report
 
-    async def close(self) -> None:
-        """Cancel running jobs (each is recorded as interrupted), then stop."""
-        tasks = list(self._jobs.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -85,28 +85,31 @@ class Rig:
     client: Client
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["x1", "workers2"])
+def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """One server, then ``--workers 2`` (two processes on one port and one SQLite file)."""
     with FakeUpstreamProcess() as fake:
         server = ServerProcess(tmp_path_factory.mktemp("fault-matrix"),
                                config=openai_config(fake.base_url),
-                               env={API_KEY_ENV: SECRET_API_KEY})
+                               env={API_KEY_ENV: SECRET_API_KEY,
+                                    "BALLAST__SERVER__WORKERS": str(request.param)})
         with server:
             yield Rig(fake, server, Client(server.base_url))
         # After the server stopped: the whole log, every line it ever wrote.
         logs = server.raw_logs()
         assert SECRET_API_KEY not in logs, "the API key reached the server's logs"
     if ROWS:
-        _report_rows()
+        _report_rows(request.param)
+        ROWS.clear()
 
 
-def _report_rows() -> None:
+def _report_rows(workers: int) -> None:
     lines = [f"{'fault':<18} {'resolve':>7} {'att':>3} {'s':>5}   {'finalize':<9} {'att':>3} {'s':>5}"]
     for r in ROWS:
         lines.append(f"{r.fault.step:<18} {r.resolve_status:>7} {r.resolve_attempts:>3} "
                      f"{r.resolve_s:>5.2f}   {r.job_state:<9} {r.finalize_attempts:>3} {r.finalize_s:>5.2f}")
-    report("fault matrix: resolve status, finalize job state, attempts at the fake per logical call",
-           lines)
+    report("fault matrix: resolve status, finalize job state, attempts at the fake per logical call"
+           f" (server workers: {workers})", lines)
 
 
 def _new_session(client: Client, sid: str) -> None:

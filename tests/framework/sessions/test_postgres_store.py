@@ -1,0 +1,158 @@
+"""What only the PostgreSQL adapter has: migrations, commit settings, shared transactions.
+
+The port's guarantees are in test_store_port.py (run on both adapters); these tests
+use a fresh database from ``pg_url`` and skip when no server is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ballast.errors import StoreError
+from ballast.sessions.postgres_schema import MIGRATIONS, SCHEMA_VERSION, current_version, migrate
+from ballast.sessions.postgres_store import PostgresStore
+
+T = "default"
+
+
+def note(text: str, mutation_id: str | None = None) -> dict[str, Any]:
+    mutation: dict[str, Any] = {"type": "note", "text": text}
+    if mutation_id is not None:
+        mutation["id"] = mutation_id
+    return mutation
+
+
+async def test_a_database_of_the_previous_version_is_upgraded_in_place(pg_url: str) -> None:
+    assert SCHEMA_VERSION >= 2
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate(conn, target=SCHEMA_VERSION - 1)  # what the previous release made
+        assert await current_version(conn) == SCHEMA_VERSION - 1
+        sid = await conn.fetchval(
+            "INSERT INTO sessions (tenant, session_id, state, title, created_at, last_seq, mutation_count)"
+            " VALUES ('default', 'old', 'open', 'Before', '2026-01-01T00:00:00.000+00:00', 1, 1)"
+            " RETURNING sid")
+        await conn.execute("INSERT INTO mutations (sid, seq, mutation_id, type, payload)"
+                           " VALUES ($1, 1, 'm1', 'note', '{\"text\": \"kept\"}')", sid)
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_url, pool_size=2)
+    await store.open()
+    try:
+        record = await store.get_session(T, "old")
+        assert record is not None and record.title == "Before" and record.last_seq == 1
+        result = await store.append(T, "old", [note("again", "m1"), note("new")])
+        assert [(a.seq, a.duplicate) for a in result.accepted] == [(1, True), (2, False)]
+        start = await store.start_job(T, "old", "me", 30, {})  # the table the upgrade added
+        assert start.lease is not None
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        versions = [r[0] for r in await conn.fetch("SELECT version FROM ballast_schema_version ORDER BY 1")]
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        await conn.close()
+
+
+async def test_processes_starting_together_migrate_once(pg_url: str) -> None:
+    stores = [PostgresStore(pg_url, pool_size=2) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[0].create_session(T, "s", None, [])
+        assert (await stores[3].get_session(T, "s")) is not None
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM ballast_schema_version") == len(MIGRATIONS)
+    finally:
+        await conn.close()
+
+
+async def test_a_database_newer_than_the_code_is_refused(pg_url: str) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate(conn)
+        await conn.execute("INSERT INTO ballast_schema_version (version) VALUES ($1)", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_url, pool_size=2)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    assert "newer than" in info.value.internal
+    await store.close()
+
+
+async def test_an_unreachable_server_is_a_store_error() -> None:
+    store = PostgresStore("postgresql://ballast:s3cret@127.0.0.1:1/none", pool_size=2,
+                          connect_timeout_s=2)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    assert info.value.status >= 500
+    await store.close()
+
+
+async def test_every_connection_commits_synchronously(pg_url: str) -> None:
+    store = PostgresStore(pg_url, pool_size=3)
+    await store.open()
+    try:
+        pool: Any = store._pool
+        settings = await asyncio.gather(*(pool.fetchval("SHOW synchronous_commit") for _ in range(6)))
+        assert set(settings) == {"on"}
+    finally:
+        await store.close()
+
+
+async def test_concurrent_appends_share_transactions(pg_url: str) -> None:
+    store = PostgresStore(pg_url, pool_size=4, flushers=2)
+    await store.open()
+    try:
+        for i in range(8):
+            await store.create_session(T, f"s{i}", None, [])
+        before = store.flushes
+        results = await asyncio.gather(*(store.append(T, f"s{i % 8}", [note(f"n{i}")]) for i in range(200)))
+        assert len(results) == 200
+        assert store.flushes - before < 100  # 200 appends in far fewer transactions
+        for i in range(8):
+            stored = await store.list_mutations(T, f"s{i}", 0, 100)
+            assert [m["seq"] for m in stored] == list(range(1, 26))
+            assert [m["text"] for m in stored] == [f"n{j}" for j in range(i, 200, 8)]  # call order
+    finally:
+        await store.close()
+
+
+async def test_a_batch_that_fails_in_the_database_fails_alone(pg_url: str) -> None:
+    failures: list[tuple[str, int, str]] = []
+    def hook(sid: str, mutations: list[dict[str, Any]], err: BaseException) -> None:
+        failures.append((sid, len(mutations), type(err).__name__))
+
+    store = PostgresStore(pg_url, pool_size=4, flushers=1, on_failure=hook)
+    await store.open()
+    try:
+        pool: Any = store._pool
+        await pool.execute(
+            "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.payload LIKE '%boom%' THEN RAISE EXCEPTION 'refused'; END IF;"
+            " RETURN NEW; END $$;"
+            " CREATE TRIGGER refuse_boom BEFORE INSERT ON mutations"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_boom()")
+        await store.create_session(T, "a", None, [])
+        await store.create_session(T, "b", None, [])
+        outcomes = await asyncio.gather(
+            store.append(T, "a", [note("one")]),
+            store.append(T, "b", [note("boom"), note("with it")]),
+            store.append(T, "a", [note("two")]),
+            store.append(T, "b", [note("three")]),
+            return_exceptions=True)
+        assert isinstance(outcomes[1], StoreError)
+        assert [o.last_seq for o in outcomes if not isinstance(o, BaseException)] == [1, 2, 1]
+        assert failures == [("b", 2, "RaiseError")]
+        assert [m["text"] for m in await store.list_mutations(T, "b", 0, 10)] == ["three"]
+        assert [m["text"] for m in await store.list_mutations(T, "a", 0, 10)] == ["one", "two"]
+    finally:
+        await store.close()
