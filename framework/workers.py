@@ -178,16 +178,27 @@ def _forget_metrics_of(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+def clear_metrics_dir(path: str) -> None:
+    """Create ``path`` if needed and remove the value files a previous run left there."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+
+
 def supervise(config_path: str | None, host: str, port: int, workers: int,
               shutdown_timeout_s: float) -> int:
     """Run ``workers`` server processes on ``host:port`` until SIGTERM/SIGINT."""
     reservation = reserve_port(host, port)
     # Workers write their metrics to one directory (prometheus-client's multiprocess
-    # mode), so that a scrape of any of them can sum all; made fresh for each run.
+    # mode), so that a scrape of any of them can sum all; made fresh for each run, or,
+    # if the operator named one, emptied of an earlier run's values.
     made_dir = None
     if not os.environ.get(METRICS_DIR_ENV):
         made_dir = tempfile.mkdtemp(prefix="ballast-metrics-")
         os.environ[METRICS_DIR_ENV] = made_dir
+    else:
+        clear_metrics_dir(os.environ[METRICS_DIR_ENV])
     try:
         bound_port = int(reservation.getsockname()[1])
         command = [sys.executable, "-m", "ballast.cli", "serve", "--host", host,

@@ -9,6 +9,7 @@ scrape shows the sum of all of them.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,58 @@ def test_two_processes_sharing_a_multiprocess_directory_show_the_sum(tmp_path: P
         # A gauge read at scrape time still shows (both executors idle: 0 in use).
         assert got.total("ballast_executor_in_use") == 0
         assert "ballast_executor_in_use" in got.families
+
+
+def _workers_server(workdir: Path, metrics_dir: Path | None = None) -> ServerProcess:
+    env = {"BALLAST__SERVER__WORKERS": "2"}
+    if metrics_dir is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    return ServerProcess(workdir, env=env)
+
+
+def _wait_for_workers(server: ServerProcess, n: int = 2, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        started = {line.get("worker") for line in server.logs() if line.get("event") == "server.started"}
+        if len(started - {None}) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the workers did not all start")
+
+
+def test_serve_with_two_workers_shows_the_requests_of_both_in_one_scrape(tmp_path: Path) -> None:
+    server = _workers_server(tmp_path / "server")
+    with server:
+        _wait_for_workers(server)
+
+        def get(_: int) -> int:
+            status, _, _ = request("GET", server.base_url + "/healthz")
+            return status
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(get, range(100))) == [200] * 100
+        served = {line.get("worker") for line in server.logs()
+                  if line.get("event") == "http.request" and line.get("route") == "/healthz"}
+        assert served == {0, 1}, "both workers answered some of the 100"
+        got = scrape(server.base_url)
+        assert got.total("ballast_http_requests_total", method="GET", route="/healthz", status="200") == 100
+        assert got.total("ballast_http_request_duration_seconds_count", route="/healthz") == 100
+        again = scrape(server.base_url)  # whichever worker answers, the same sum
+        assert again.total("ballast_http_requests_total", route="/healthz") == 100
+
+
+def test_serve_with_workers_empties_a_named_metrics_directory_on_start(tmp_path: Path) -> None:
+    shared = tmp_path / "prometheus"
+    first = _workers_server(tmp_path / "first", shared)
+    with first:
+        _wait_for_workers(first)
+        for _ in range(5):
+            assert request("GET", first.base_url + "/healthz")[0] == 200
+        assert scrape(first.base_url).total("ballast_http_requests_total", route="/healthz") == 5
+    assert list(shared.glob("*.db")), "the first run left its values there"
+    second = _workers_server(tmp_path / "second", shared)
+    with second:
+        _wait_for_workers(second)
+        for _ in range(3):
+            assert request("GET", second.base_url + "/healthz")[0] == 200
+        assert scrape(second.base_url).total("ballast_http_requests_total", route="/healthz") == 3
