@@ -278,3 +278,67 @@ def test_disabled_nothing_is_propagated_and_logs_carry_no_trace_id(tmp_path: Pat
         assert not any(k.lower() == "traceparent" for k in sent["headers"])
     canonical = [line for line in server.logs() if line["event"] == "http.request"]
     assert canonical and not any("trace_id" in line for line in canonical)
+
+
+class _Collector:
+    """A minimal OTLP/HTTP traces receiver on loopback: keeps every export request body."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        bodies: list[bytes] = []
+        self.bodies = bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                if self.path == "/v1/traces":
+                    bodies.append(self.rfile.read(length))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Collector:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def spans(self) -> list[Any]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        found = []
+        for body in self.bodies:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    found.extend(scope_spans.spans)
+        return found
+
+
+def test_the_otlp_exporter_sends_the_spans_to_the_collector(tmp_path: Path) -> None:
+    pytest.importorskip(tracing.OTLP_MODULE, reason="the otlp extra (ballast[otlp]) is not installed")
+    with _Collector() as collector:
+        config = ("[plugins.tracing]\nenabled = true\nexporter = \"otlp\"\n"
+                  f'endpoint = "http://127.0.0.1:{collector.port}/v1/traces"\n')
+        server = ServerProcess(tmp_path / "server", config=config)
+        with server:
+            status, _, _ = request("GET", server.base_url + "/healthz", headers={"traceparent": TRACEPARENT})
+            assert status == 200
+        # Stopping the server flushes the batch of spans to the collector.
+        spans = collector.spans()
+    (health,) = [s for s in spans if s.name == "GET /healthz"]
+    assert health.trace_id.hex() == TRACE_ID
+    assert health.parent_span_id.hex() == PARENT_ID
