@@ -58,20 +58,18 @@ async def scenario(p: float | None, calls: int, seed: int) -> dict[str, Any]:
     from ballast.config import load_settings
     from ballast.errors import UpstreamError
     from ballast.plugin_manager import load_plugins
-    from ballast.upstream import UpstreamRequest, compose
+    from ballast.upstream import UpstreamRequest, build_upstream
 
     blog.configure("json", "critical")  # the retry log lines are not what is measured here
     environ = {f"BALLAST__PLUGINS__RETRY__{k}": v for k, v in BACKOFF.items()}
+    # Per-call retrying only: the protections that remember across calls (breaker, retry
+    # budget) are measured by bench_outage.py.
+    environ |= {"BALLAST__PLUGINS__RETRY__BUDGET": "false",
+                "BALLAST__PLUGINS__CIRCUIT_BREAKER__ENABLED": "false"}
     config = load_settings(environ=environ)
     plugins = load_plugins(config)
-    hook = plugins.hook
-    provider = hook.ballast_client_provider(config=config, telemetry=Telemetry())
-    call = hook.ballast_upstream_call(config=config, provider=provider, telemetry=Telemetry())
-    if provider is None or call is None:
-        raise RuntimeError("the shared_client and retry plugins must be enabled")
-    wrappers = [w for group in hook.ballast_upstream_wrappers(
-        config=config, telemetry=Telemetry()) for w in group]
-    call = compose(call, wrappers)
+    upstream = build_upstream(plugins.hook, config, Telemetry())
+    provider, call = upstream.provider, upstream.request
     attempts_setting = config.plugin("retry").attempts
 
     rng = random.Random(seed)
@@ -172,8 +170,8 @@ def run(calls: int, rounds: int, base_seed: int) -> dict[str, Any]:
         "method": {
             "upstream": "tests/fake_upstream.py FakeUpstream in process, script of independent "
                         "draws (503 with probability p, else ok)",
-            "client": "load_settings + load_plugins; ballast_upstream_call with the "
-                      "shared_client provider, composed with ballast_upstream_wrappers",
+            "client": "load_settings + load_plugins; ballast.upstream.build_upstream (the "
+                      "server's outbound pipeline), circuit_breaker and retry budget off",
             "overrides": {f"plugins.retry.{k.lower()}": float(v) for k, v in BACKOFF.items()},
             "calls_per_round": calls, "concurrency": CONCURRENCY,
             "seeds": list(range(base_seed, base_seed + rounds)),

@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
     "finalize": ("bench_finalize.py", ["--sizes", "10000,100000,1000000", "--rounds", "3"],
                  ["--sizes", "10000,100000", "--rounds", "1"], 2400),
     "retry": ("bench_retry.py", ["--rounds", "5"], ["--rounds", "1"], 900),
+    "outage": ("bench_outage.py", ["--duration", "24"], ["--duration", "8"], 900),
     "logs": ("bench_logsummary.py", ["--rounds", "3"], ["--rounds", "1"], 1800),
 }
 

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from ballast.executor import BlockingExecutor
     from ballast.hookspecs import hookimpl, hookspec
     from ballast.middleware import Handler, Middleware, MiddlewareSpec
+    from ballast.resilience import UpstreamRefused, UpstreamRegistry
     from ballast.upstream import (
+        AttemptWrapperSpec,
         ClientProvider,
         UpstreamCall,
         UpstreamRequest,
@@ -48,6 +50,9 @@ _PUBLIC: dict[str, str] = {
     "UpstreamRequest": "ballast.upstream",
     "UpstreamResponse": "ballast.upstream",
     "UpstreamWrapper": "ballast.upstream",
+    "AttemptWrapperSpec": "ballast.upstream",
+    "UpstreamRefused": "ballast.resilience",
+    "UpstreamRegistry": "ballast.resilience",
     "BlockingExecutor": "ballast.executor",
     "BallastError": "ballast.errors",
     "BudgetExceeded": "ballast.errors",
@@ -58,6 +63,7 @@ _PUBLIC: dict[str, str] = {
 }
 
 __all__ = [
+    "AttemptWrapperSpec",
     "BallastError",
     "BlockingExecutor",
     "BudgetExceeded",
@@ -72,6 +78,8 @@ __all__ = [
     "PluginSection",
     "UpstreamCall",
     "UpstreamError",
+    "UpstreamRefused",
+    "UpstreamRegistry",
     "UpstreamRequest",
     "UpstreamResponse",
     "UpstreamWrapper",

@@ -40,14 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
 from ballast import budget
 from ballast.errors import UpstreamError
 from ballast.logging import get_logger
-from ballast.resilience import UpstreamRegistry, UpstreamState
+from ballast.resilience import UpstreamRefused, UpstreamRegistry, UpstreamState
 from ballast.telemetry import Reason, Telemetry
 
 if TYPE_CHECKING:
@@ -238,18 +238,20 @@ def send_attempt(provider: ClientProvider, telemetry: Telemetry | None = None, *
     async def attempt(request: UpstreamRequest) -> UpstreamResponse:
         session = await provider.session()
         response: UpstreamResponse | None = None
-        error: BaseException | None = None
+        outcome = str(Reason.BUDGET)  # cancelled mid-attempt: the caller's budget ended it
         try:
             response = await send_once(session, request, max_response_bytes=max_response_bytes)
+            outcome = attempt_outcome(response, None)
             return response
         except UpstreamError as exc:
-            error = exc
+            # attempts == 0: refused before anything was sent, so not an attempt at all.
+            outcome = "" if exc.attempts == 0 else attempt_outcome(None, exc)
             raise
         finally:
             if provider.owns_sessions:
                 await session.close()
-            if error is None or getattr(error, "attempts", 1) > 0:
-                attempts.inc(request.upstream, attempt_outcome(response, error))
+            if outcome:
+                attempts.inc(request.upstream, outcome)
 
     return attempt
 
@@ -260,14 +262,15 @@ def single_attempt_call(attempt_or_provider: Attempt | ClientProvider) -> Upstre
     Its failures are logged as ``upstream.failed`` (a redirect with its status, never
     its ``Location``), as the ``retry`` plugin logs its own.
     """
-    if hasattr(attempt_or_provider, "session"):
-        attempt: Attempt = send_attempt(cast(ClientProvider, attempt_or_provider))
-    else:
-        attempt = attempt_or_provider
+    attempt: Attempt = (attempt_or_provider if callable(attempt_or_provider)
+                        else send_attempt(attempt_or_provider))
 
     async def call(request: UpstreamRequest) -> UpstreamResponse:
         try:
             response = await attempt(request)
+        except UpstreamRefused as refused:
+            log_refused(request, refused)
+            raise
         except UpstreamError as exc:
             log.error("upstream.failed", name=request.name, upstream=request.upstream,
                       attempts=exc.attempts if exc.attempts == 0 else 1, kind=exc.kind,
@@ -276,6 +279,12 @@ def single_attempt_call(attempt_or_provider: Attempt | ClientProvider) -> Upstre
         return UpstreamResponse(response.status, response.headers, response.body, attempts=1)
 
     return call
+
+
+def log_refused(request: UpstreamRequest, refused: UpstreamRefused) -> None:
+    """``upstream.refused``: a call answered by a local refusal, nothing sent upstream."""
+    log.warning("upstream.refused", name=request.name, upstream=request.upstream, kind=refused.kind,
+                retry_after_s=round(refused.retry_after_s, 3))
 
 
 def _cause_type(exc: BaseException) -> str | None:
@@ -310,17 +319,16 @@ class Upstream:
         self._calls = (telemetry or Telemetry()).counter("ballast_upstream_calls_total")
 
     async def request(self, request: UpstreamRequest) -> UpstreamResponse:
-        response: UpstreamResponse | None = None
-        error: BaseException | None = None
+        outcome = str(Reason.BUDGET)  # cancelled: the caller's budget ended it
         try:
             response = await self.call(request)
+            outcome = attempt_outcome(response, None)
             return response
         except UpstreamError as exc:
-            error = exc
+            outcome = attempt_outcome(None, exc)
             raise
         finally:
-            if response is not None or error is not None:
-                self._calls.inc(request.upstream, attempt_outcome(response, error))
+            self._calls.inc(request.upstream, outcome)
 
     def state(self, request: UpstreamRequest) -> UpstreamState:
         """The shared state of the upstream ``request`` goes to."""
@@ -372,6 +380,7 @@ __all__ = [
     "build_upstream",
     "compose",
     "compose_attempt",
+    "log_refused",
     "response_error",
     "send_attempt",
     "send_once",

@@ -27,6 +27,7 @@ from ballast.keys import REQUEST_ID
 from ballast.logging import get_logger
 from ballast.middleware import Handler, Middleware, MiddlewareSpec
 from ballast.problems import error_response, generic_response, is_problem
+from ballast.resilience import UpstreamRefused
 
 ORDER = 100
 log = get_logger("ballast.errors")
@@ -56,9 +57,10 @@ def sanitizer(*, log_client_errors: bool = False, max_traceback_frames: int = 30
             raise
         except BallastError as exc:
             rid = request.get(REQUEST_ID, "")
-            if isinstance(exc, Overloaded):
-                # Shedding load is the plan working, not a fault: the executor logged
-                # it already, and a traceback per refused request would add to the load.
+            if isinstance(exc, Overloaded | UpstreamRefused):
+                # Shedding load (or refusing to call a sick upstream) is the plan working,
+                # not a fault: it was logged already (bulkhead.rejected, upstream.refused),
+                # and a traceback per refused request would add to the load.
                 pass
             elif exc.status >= 500:
                 log.error("error.unhandled", error_type=type(exc).__name__, error=exc.internal,

@@ -74,6 +74,7 @@ from ballast.upstream import (
     ClientProvider,
     UpstreamRequest,
     UpstreamResponse,
+    log_refused,
     send_attempt,
 )
 
@@ -287,9 +288,8 @@ class RetryingCall:
     def __init__(self, attempt: Attempt | ClientProvider, settings: Settings | None = None, *,
                  upstreams: UpstreamRegistry | None = None, telemetry: Telemetry | None = None,
                  rng: Callable[[], float] = random.random) -> None:
-        if hasattr(attempt, "session"):  # a bare provider: send with no attempt wrappers
-            attempt = send_attempt(attempt, telemetry)  # type: ignore[arg-type]
-        self.attempt: Attempt = attempt  # type: ignore[assignment]
+        # A bare provider (tests, tools): attempts are plain sends, no attempt wrappers.
+        self.attempt: Attempt = attempt if callable(attempt) else send_attempt(attempt, telemetry)
         self.settings = settings or Settings()
         self.upstreams = upstreams if upstreams is not None else UpstreamRegistry()
         self._rng = rng
@@ -321,7 +321,7 @@ class RetryingCall:
                 response = await self.attempt(dataclasses.replace(request, attempt=number))
             except UpstreamRefused as refused:
                 if sent == 0:  # nothing reached the upstream: the refusal is the answer
-                    self._log_failed(request, 0, refused.kind, None, None, level="warning")
+                    log_refused(request, refused)
                     raise
                 self._denied.inc(request.upstream, refused.kind)
                 raise self._failed(request, sent, refused.kind, status, error,
@@ -374,17 +374,11 @@ class RetryingCall:
     def _failed(self, request: UpstreamRequest, sent: int, kind: str, status: int | None,
                 error: BaseException | None, why: str) -> UpstreamError:
         """Log ``upstream.failed`` and build the error to raise (502 on resolve)."""
-        self._log_failed(request, sent, kind, status, error)
+        log.error("upstream.failed", name=request.name, upstream=request.upstream, attempts=sent,
+                  kind=kind, status=status, error_type=_type_name(error))
         return UpstreamError(
             kind=kind, upstream_status=status, attempts=sent,
             internal=f"{request.name} ({_path(request.url)}): gave up after {sent} attempt(s): {why}")
-
-    @staticmethod
-    def _log_failed(request: UpstreamRequest, sent: int, kind: str, status: int | None,
-                    error: BaseException | None, *, level: str = "error") -> None:
-        (log.warning if level == "warning" else log.error)(
-            "upstream.failed", name=request.name, upstream=request.upstream, attempts=sent,
-            kind=kind, status=status, error_type=_type_name(error))
 
 
 def _type_name(error: BaseException | None) -> str | None:

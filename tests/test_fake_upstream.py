@@ -388,7 +388,7 @@ def test_process_helper_scripts_counts_records_and_resets() -> None:
         fake.set_default("503")
         assert http("POST", completions, RESOLVE_BODY)[0] == 503
         fake.reset()
-        assert fake.stats() == {"attempts": 0, "pending": 0, "default": {"kind": "ok"}}
+        assert fake.stats() == {"attempts": 0, "redirected": 0, "pending": 0, "default": {"kind": "ok"}}
         assert http("POST", completions, RESOLVE_BODY)[0] == 200
 
 
@@ -401,3 +401,37 @@ def test_admin_api_rejects_bad_scripts() -> None:
                             {"steps": ["hang:0.1"], "default": "reset"})
         assert status == 200
         assert fake.stats()["default"] == {"kind": "reset"}
+
+
+def test_huge_and_redirect_steps_parse() -> None:
+    assert Step.parse("huge:1000") == Step.huge(1000)
+    assert Step.parse("huge:1000:length") == Step.huge(1000, lying_length=True)
+    assert Step.parse("redirect:308") == Step.redirect("/redirected", 308)
+    assert Step.parse("redirect") == Step.redirect("/redirected", 307)
+    assert Step.parse(Step.huge(5).to_json()) == Step.huge(5)
+    with pytest.raises(ValueError):
+        Step.redirect("/x", 200)
+    with pytest.raises(ValueError):
+        Step.parse("huge")
+
+
+@pytest.mark.parametrize("declared", [False, True])
+async def test_a_huge_body_is_whitespace_then_a_valid_completion(declared: bool) -> None:
+    async with FakeUpstream() as fake, aiohttp.ClientSession() as http:
+        fake.script(Step.huge(300_000, lying_length=declared))
+        async with http.post(fake.base_url + "/chat/completions", json={}) as resp:
+            assert (resp.content_length is not None) is declared
+            raw = await resp.read()
+    assert len(raw) > 300_000 and raw[:300_000].strip() == b""
+    assert json.loads(raw)["choices"][0]["message"]["content"]
+
+
+async def test_a_redirect_names_its_location_and_the_fake_counts_followers() -> None:
+    async with FakeUpstream() as fake, aiohttp.ClientSession() as http:
+        fake.script("redirect:307")
+        async with http.post(fake.base_url + "/chat/completions", json={}, allow_redirects=False) as resp:
+            assert (resp.status, resp.headers["Location"]) == (307, "/redirected")
+        fake.script("redirect:307")
+        async with http.post(fake.base_url + "/chat/completions", json={}) as resp:
+            assert resp.status == 200  # aiohttp follows by default: the fake sees it
+        assert (fake.attempts, fake.redirected) == (2, 1)

@@ -72,6 +72,7 @@ def make_config(tmp_path: Path, **env: str) -> Config:
 def test_the_spec_declares_the_hooks_the_docs_list() -> None:
     expected = ["ballast_settings_model", "ballast_configure", "ballast_middlewares",
                 "ballast_client_provider", "ballast_upstream_call", "ballast_upstream_wrappers",
+                "ballast_upstream_attempt_wrappers", "ballast_inference_wrappers",
                 "ballast_executor", "ballast_finalize_wrappers", "ballast_mutation_failed",
                 "ballast_app_built"]
     assert sorted(expected) == HOOKS

@@ -392,6 +392,8 @@ jitter = false
 log_client_errors = true
 [plugins.timeout_budget]
 finalize_ms = 10000
+[plugins.circuit_breaker]
+minimum_calls = 100    # the scenario's failures must not open it (tests/reliability/test_outage.py does)
 """
         server = ServerProcess(tmp_path_factory.mktemp("catalogue"), config, env={API_KEY_ENV: api_key})
         try:

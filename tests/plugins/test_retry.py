@@ -9,6 +9,7 @@ are measured at the fake, as the gap between the attempts it received.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import socket
@@ -25,19 +26,28 @@ import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
 from hypothesis import given
 from hypothesis import strategies as st
+from resilience_support import FakeClock, RecordingExporter
 from structlog.testing import capture_logs
 
 from ballast.budget import Deadline, deadline_scope
 from ballast.config import Config, PluginSection, load_settings
 from ballast.errors import ConfigError, UpstreamError
+from ballast.hookspecs import hookimpl
 from ballast.plugin_manager import load_plugins
 from ballast.plugins import retry
-from ballast.plugins.retry import RetryingCall, Settings, backoff_delay, parse_retry_after
+from ballast.plugins.retry import RetryBudget, RetryingCall, Settings, backoff_delay, parse_retry_after
 from ballast.plugins.shared_client import Settings as SharedClientSettings
 from ballast.plugins.shared_client import SharedClientProvider
-from ballast.resilience import UpstreamRegistry
+from ballast.resilience import UpstreamRefused, UpstreamRegistry
 from ballast.telemetry import Telemetry
-from ballast.upstream import PerCallClientProvider, UpstreamRequest, UpstreamResponse, send_attempt
+from ballast.upstream import (
+    AttemptWrapperSpec,
+    PerCallClientProvider,
+    UpstreamRequest,
+    UpstreamResponse,
+    build_upstream,
+    send_attempt,
+)
 
 API_KEY = "sk-test-0123456789abcdef"
 #: Backoff in milliseconds, without jitter, so waits are short and known.
@@ -529,6 +539,8 @@ def test_defaults() -> None:
     assert s.statuses == [429, 502, 503]
     assert s.max_retry_after_s == 30.0
     assert s.attempt_timeout_s is None
+    assert (s.budget, s.budget_ratio, s.budget_window_s, s.budget_min_retries_per_s, s.shared_cooldown) == \
+        (True, 0.2, 10.0, 1.0, True)
     for name, field in Settings.model_fields.items():
         if name != "enabled":
             assert field.description, f"{name} has no description"
@@ -635,3 +647,243 @@ async def test_calls_run_concurrently_with_their_own_attempt_counts(
     responses = await asyncio.gather(*(call(completion(fake)) for _ in range(20)))
     assert all(r.status == 200 for r in responses)
     assert sum(r.attempts for r in responses) == fake.attempts == 30
+
+
+# --------------------------------------------------------------------------------------
+# the retry budget: arithmetic on a fake clock
+# --------------------------------------------------------------------------------------
+
+
+def budget_of(clock: FakeClock, **kw: float) -> RetryBudget:
+    return RetryBudget(**{"ratio": 0.2, "window_s": 10.0, "min_retries_per_s": 1.0, **kw}, clock=clock)
+
+
+def take(b: RetryBudget, n: int) -> int:
+    """Withdraw up to ``n`` retries; how many were allowed."""
+    return sum(b.try_withdraw() for _ in range(n))
+
+
+def test_the_reserve_alone_allows_min_retries_per_s_times_the_window() -> None:
+    b = budget_of(FakeClock())
+    assert b.balance() == 10
+    assert take(b, 50) == 10
+    assert b.balance() < 1 and not b.try_withdraw()
+
+
+def test_each_call_adds_the_ratio() -> None:
+    b = budget_of(FakeClock())
+    for _ in range(100):
+        b.deposit()
+    assert b.balance() == pytest.approx(30)  # 0.2 x 100 + 10
+    assert take(b, 100) == 30
+    assert b.counts() == (100, 30)
+
+
+def test_a_denied_retry_takes_nothing() -> None:
+    b = budget_of(FakeClock(), min_retries_per_s=0.0)
+    for _ in range(4):
+        b.deposit()
+    assert not b.try_withdraw()  # 0.8 < 1
+    b.deposit()
+    assert b.try_withdraw() and b.counts() == (5, 1)
+
+
+def test_the_budget_refills_as_the_window_slides() -> None:
+    clock = FakeClock()
+    b = budget_of(clock)
+    assert take(b, 20) == 10
+    clock.advance(5)
+    assert take(b, 20) == 0  # the spent retries are still in the window
+    clock.advance(5.01)
+    assert take(b, 20) == 10  # they left it
+    assert b.counts() == (0, 10)
+
+
+def test_a_hard_down_upstream_gets_about_the_ratio_in_extra_attempts() -> None:
+    """Calls that each want 2 retries: once the reserve is spent, 1 retry per 5 calls."""
+    b = budget_of(FakeClock(), min_retries_per_s=0.0)
+    attempts = 0
+    for _ in range(1000):
+        b.deposit()
+        attempts += 1 + take(b, 2)
+    assert attempts / 1000 == pytest.approx(1.2, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# the retry budget and the cooldown in calls
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_shared_call(tmp_path: Path, provider: SharedClientProvider) -> Callable[..., RetryingCall]:
+    """A retrying call over the attempt pipeline with the cooldown, sharing one registry."""
+    registry = UpstreamRegistry()
+
+    def make(**settings: Any) -> RetryingCall:
+        config = retry_config(tmp_path, **{**FAST, **settings})
+        s = config.plugin("retry")
+        attempt = retry.cooldown_wrapper(registry)(send_attempt(provider))
+        return RetryingCall(attempt, s, upstreams=registry)
+
+    return make
+
+
+async def test_a_spent_budget_ends_the_call_without_a_retry(
+        fake: FakeUpstream, make_shared_call: Callable[..., RetryingCall]) -> None:
+    call = make_shared_call(budget_min_retries_per_s=0.2, budget_window_s=10.0, budget_ratio=0.0)
+    fake.default = Step.status(503)
+    with capture_logs() as logs:
+        with pytest.raises(UpstreamError) as first:
+            await call(completion(fake))  # the reserve of 2 retries is spent here
+        with pytest.raises(UpstreamError) as second:
+            await call(completion(fake))
+    assert (first.value.kind, first.value.attempts) == ("status", 3)
+    assert (second.value.kind, second.value.attempts, second.value.upstream_status) == \
+        ("budget_exhausted", 1, 503)
+    assert second.value.status == 502  # it received the upstream's failure itself
+    assert fake.attempts == 4
+    [denied] = events(logs, "upstream.retry_denied")
+    assert (denied["kind"], denied["attempt"], denied["status"], denied["window_calls"],
+            denied["window_retries"]) == ("budget_exhausted", 1, 503, 2, 2)
+
+
+async def test_the_budget_can_be_switched_off(fake: FakeUpstream,
+                                              make_shared_call: Callable[..., RetryingCall]) -> None:
+    call = make_shared_call(budget=False, budget_min_retries_per_s=0.0, budget_ratio=0.0)
+    fake.default = Step.status(503)
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            await call(completion(fake))
+    assert fake.attempts == 9
+
+
+async def test_a_retry_after_pauses_the_next_caller_too(
+        fake: FakeUpstream, make_shared_call: Callable[..., RetryingCall]) -> None:
+    call = make_shared_call(max_retry_after_s=5.0)
+    fake.script(Step.status(429, retry_after="0.4"))
+    first = asyncio.create_task(call(completion(fake)))
+    await fake.wait_for_attempts(1)
+    second = await call(completion(fake))  # held until the pause ends, then sent once
+    assert second.status == 200 and second.attempts == 1
+    assert (await first).attempts == 2
+    t429 = fake.requests[0].received_at
+    assert all(r.received_at - t429 >= 0.39 for r in fake.requests[1:])
+
+
+async def test_a_caller_that_cannot_wait_is_refused_with_503(
+        fake: FakeUpstream, make_shared_call: Callable[..., RetryingCall]) -> None:
+    call = make_shared_call(max_retry_after_s=5.0)
+    fake.script(Step.status(503, retry_after="3"))
+    with deadline_scope(Deadline.after(1.0)), pytest.raises(UpstreamError) as own:
+        await call(completion(fake))
+    assert (own.value.kind, own.value.status) == ("budget", 502)
+    with deadline_scope(Deadline.after(1.0)), capture_logs() as logs, \
+            pytest.raises(UpstreamRefused) as caught:
+        await call(completion(fake))
+    refused = caught.value
+    assert (refused.kind, refused.status, refused.attempts) == ("cooldown", 503, 0)
+    assert refused.headers["Retry-After"] == "3"
+    assert fake.attempts == 1
+    [line] = events(logs, "upstream.refused")
+    assert (line["kind"], line["retry_after_s"], line["log_level"]) == ("cooldown", pytest.approx(3, abs=0.1),
+                                                                         "warning")
+    assert events(logs, "upstream.failed") == []
+
+
+async def test_a_cooldown_is_not_set_without_the_setting(
+        fake: FakeUpstream, make_shared_call: Callable[..., RetryingCall]) -> None:
+    call = make_shared_call(max_retry_after_s=5.0, shared_cooldown=False)
+    fake.script(Step.status(503, retry_after="3"))
+    with deadline_scope(Deadline.after(1.0)), pytest.raises(UpstreamError):
+        await call(completion(fake))
+    assert (await call(completion(fake))).status == 200
+    assert fake.attempts == 2
+
+
+async def test_a_refused_retry_ends_the_call_as_an_upstream_failure(
+        fake: FakeUpstream, provider: SharedClientProvider, tmp_path: Path) -> None:
+    """The breaker opens between attempts: the retry is refused, never sent; 502, not 503."""
+    from ballast.plugins.circuit_breaker import BreakerWrapper
+    from ballast.plugins.circuit_breaker import Settings as BreakerSettings
+
+    registry = UpstreamRegistry()
+    breaker = BreakerWrapper(BreakerSettings(minimum_calls=1), registry, Telemetry())
+    call = RetryingCall(breaker(send_attempt(provider)), retry_config(tmp_path, **FAST).plugin("retry"),
+                        upstreams=registry)
+    fake.default = Step.status(503)
+    with pytest.raises(UpstreamError) as caught:
+        await call(completion(fake))
+    assert (caught.value.kind, caught.value.attempts, caught.value.status) == ("circuit_open", 1, 502)
+    assert fake.attempts == 1
+    with pytest.raises(UpstreamRefused) as refused:
+        await call(completion(fake))
+    assert (refused.value.status, refused.value.attempts) == (503, 0)
+    assert fake.attempts == 1
+
+
+# --------------------------------------------------------------------------------------
+# metrics agree exactly with what happened
+# --------------------------------------------------------------------------------------
+
+
+async def test_503_503_200_records_three_attempts_two_retries_one_call(
+        tmp_path: Path, fake: FakeUpstream) -> None:
+    path = tmp_path / "ballast.toml"
+    path.write_text("[plugins.retry]\nstart_timeout_s = 0.01\njitter = false\n")
+    config = load_settings(path, environ={})
+    plugins = load_plugins(config)
+    telemetry = Telemetry()
+    exporter = RecordingExporter()
+    telemetry.attach(exporter)  # type: ignore[arg-type]
+    upstream = build_upstream(plugins.hook, config, telemetry)
+    request = dataclasses.replace(completion(fake), upstream="openai")
+    fake.script("503", "503", "ok")
+    try:
+        assert (await upstream.request(request)).attempts == 3
+    finally:
+        await upstream.close()
+    assert exporter.count("ballast_upstream_attempts_total", "openai", "status") == 2
+    assert exporter.count("ballast_upstream_attempts_total", "openai", "ok") == 1
+    assert exporter.count("ballast_upstream_retries_total", "openai", "status") == 2
+    assert exporter.count("ballast_upstream_calls_total", "openai", "ok") == 1
+    assert sum(v for (name, _), v in exporter.counts.items()
+               if name == "ballast_upstream_attempts_total") == fake.attempts == 3
+
+
+def test_hook_ballast_upstream_attempt_wrappers(tmp_path: Path) -> None:
+    registry = UpstreamRegistry()
+    on = retry.ballast_upstream_attempt_wrappers(config=retry_config(tmp_path), upstreams=registry)
+    assert [(s.name, s.order) for s in on] == [("retry.cooldown", retry.COOLDOWN_ORDER)]
+    off = retry.ballast_upstream_attempt_wrappers(config=retry_config(tmp_path, shared_cooldown=False),
+                                                  upstreams=registry)
+    assert off == []
+
+
+async def test_attempt_wrappers_see_every_attempt_in_order(tmp_path: Path, fake: FakeUpstream) -> None:
+    """A third-party attempt wrapper (a tracer, say) at order 900 sees each sent attempt."""
+    seen: list[tuple[str, int, int | None]] = []
+
+    class Tracer:
+        @hookimpl
+        def ballast_upstream_attempt_wrappers(self) -> list[AttemptWrapperSpec]:
+            def wrap(attempt: Call) -> Call:
+                async def traced(request: UpstreamRequest) -> UpstreamResponse:
+                    response = await attempt(request)
+                    seen.append((request.upstream, request.attempt, response.status))
+                    return response
+
+                return traced
+
+            return [AttemptWrapperSpec("tracer", 900, wrap)]
+
+    path = tmp_path / "ballast.toml"
+    path.write_text("[plugins.retry]\nstart_timeout_s = 0.01\njitter = false\n")
+    config = load_settings(path, environ={})
+    plugins = load_plugins(config, eps=[], extra=[("tracer", Tracer())])
+    upstream = build_upstream(plugins.hook, config, Telemetry())
+    fake.script("503", "ok")
+    try:
+        await upstream.request(dataclasses.replace(completion(fake), upstream="openai"))
+    finally:
+        await upstream.close()
+    assert seen == [("openai", 1, 503), ("openai", 2, 200)]

@@ -89,9 +89,15 @@ class Rig:
 def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Rig]:
     """One server, then ``--workers 2`` (two processes on one port and one SQLite file)."""
     with FakeUpstreamProcess() as fake:
+        # The matrix plays one fault after another against one server and counts the
+        # attempts of each call on its own: the protections that remember across calls
+        # (the circuit breaker, the retry budget) are off here, or the sustained faults
+        # would open the breaker and spend the budget (tests/reliability/test_outage.py
+        # covers them).
         server = ServerProcess(tmp_path_factory.mktemp("fault-matrix"),
-                               config=openai_config(fake.base_url),
-                               env={API_KEY_ENV: SECRET_API_KEY,
+                               config=openai_config(fake.base_url,
+                                                    extra="[plugins.circuit_breaker]\nenabled = false\n"),
+                               env={API_KEY_ENV: SECRET_API_KEY, "BALLAST__PLUGINS__RETRY__BUDGET": "false",
                                     "BALLAST__SERVER__WORKERS": str(request.param)})
         with server:
             yield Rig(fake, server, Client(server.base_url))

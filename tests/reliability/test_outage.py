@@ -180,6 +180,9 @@ def test_a_hard_outage_costs_the_upstream_little_and_heals_on_its_own(make_rig: 
         assert o.body["detail"] == GENERIC
     # Refused calls never wait on the upstream: far below one attempt timeout (800 ms).
     assert percentile([o.seconds for o in refused], 0.5) < 0.4
+    # Each refusal is one warning line, not an error with a traceback.
+    assert len(events(rig.server, "upstream.refused")) == len(refused)
+    assert len(events(rig.server, "error.unhandled")) == len(failed)
     [opened, *_] = wait_for_event(rig.server, "circuit.opened")
     assert opened["upstream"] == "openai" and opened["window_failures"] >= 10
     assert opened["ratio"] >= 0.5 and opened["window_attempts"] >= 10
