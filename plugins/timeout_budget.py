@@ -1,7 +1,8 @@
 """timeout_budget: every request and every finalize job runs against a deadline.
 
 * Requests: each handler runs under ``request_ms``; past it the handler is cancelled and
-  the client gets a 504 problem.
+  the client gets a 504 problem. For a request that writes, the 504 says the write may
+  still have been stored and names the retry-safe path (the same mutation ids).
 * Finalize: each job runs under ``finalize_ms``. The deadline is checked by the core
   before every stage and enforced inside a stage by cancellation, so a hung upstream call
   in the report stage ends when the budget does; the job ends ``timed_out``.
@@ -30,6 +31,15 @@ from ballast.jobs import JobContext, JobRun, StageWrapper
 from ballast.middleware import Handler, Middleware, MiddlewareSpec
 
 ORDER = 200
+
+#: The 504 detail of a request that may write: the write can still commit after the
+#: budget ran out (it was already queued), so the client must not assume it did not.
+WRITE_TIMEOUT_DETAIL = (
+    "The request did not complete within its time budget, but its change may still have "
+    "been stored. Retrying is safe: send the same mutations with the same ids (a repeated "
+    "id is not applied twice); a repeated finalize returns the job already started."
+)
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Settings(PluginSection):
@@ -127,6 +137,11 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
     seconds = request_ms / 1000
     dog = watchdog or Watchdog()
 
+    def exceeded(request: web.Request) -> BudgetExceeded:
+        detail = None if request.method in _READ_METHODS else WRITE_TIMEOUT_DETAIL
+        return BudgetExceeded(detail, internal=f"{request.method} {request.path} exceeded "
+                                               f"its {request_ms} ms budget")
+
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None, "a request handler runs in a task"
@@ -138,13 +153,11 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
             except asyncio.CancelledError:
                 cancelled_by_us = dog.release(task)
                 if cancelled_by_us:
-                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
-                                                  f"its {request_ms} ms budget") from None
+                    raise exceeded(request) from None
                 raise
             except UpstreamError as exc:
                 if deadline.expired():
-                    raise BudgetExceeded(internal=f"{request.method} {request.path} exceeded "
-                                                  f"its {request_ms} ms budget") from exc
+                    raise exceeded(request) from exc
                 raise
             finally:
                 if not cancelled_by_us:

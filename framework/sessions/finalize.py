@@ -132,7 +132,7 @@ class FinalizeRunner:
     # ------------------------------------------------------------------ the stages
 
     async def _run_stages(self, job: JobContext) -> None:
-        for info in job.stages:
+        for i, info in enumerate(job.stages):
             name = info["name"]
             if name not in self._stages:  # persist: the END transition, outside the run
                 break
@@ -156,7 +156,9 @@ class FinalizeRunner:
             info["state"] = "succeeded"
             log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt, stage=name,
                      state="succeeded", duration_ms=info["duration_ms"])
-            await self._save_progress(job, job.data["lease"])
+            following = job.stages[i + 1]["name"] if i + 1 < len(job.stages) else None
+            if following in self._stages:  # before persist, the END write carries it
+                await self._save_progress(job, job.data["lease"])
 
     async def _save_progress(self, job: JobContext, lease: Lease) -> None:
         """Store progress for readers in other processes; a store error only delays it."""

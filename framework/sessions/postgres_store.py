@@ -21,9 +21,11 @@ queued (all sessions, up to a bound), and apply it in ONE transaction of five ro
 trips whatever its size: BEGIN, lock-and-read, known ids and existing rows, one
 statement that writes every table (``unnest`` of arrays), COMMIT. A session being
 flushed is not taken by another flusher, so the appends of one process reach the
-database in call order. If such a shared transaction fails for a reason that is not the
-caller's, each of its appends is run again in its own transaction, so one bad batch
-fails alone.
+database in call order. A shared transaction takes its session locks with ``SKIP
+LOCKED`` and leaves a session that another process holds to a transaction of its own
+right after, so processes never queue behind each other's whole lock sets. If a
+shared transaction fails for a reason that is not the caller's, each of its appends is
+run again in its own transaction, so one bad batch fails alone.
 
 Durability. Every connection runs with ``synchronous_commit = on``: an append is
 answered only after COMMIT returned, which means the WAL is flushed on the primary (and
@@ -109,6 +111,11 @@ _LOCK_SESSIONS: Final = (
     " FROM sessions s JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
     " ON s.tenant = k.tenant AND s.session_id = k.session_id"
     " ORDER BY s.sid FOR UPDATE OF s")
+_LOCK_SKIP: Final = _LOCK_SESSIONS + " SKIP LOCKED"
+_EXISTING_SESSIONS: Final = (
+    "SELECT s.tenant, s.session_id FROM sessions s"
+    " JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
+    " ON s.tenant = k.tenant AND s.session_id = k.session_id")
 # What numbering and the limits need to know, for every session of the flush at once:
 # which of the batch's ids, participant names and speaker labels are already stored.
 _SELECT_EXISTING: Final = (
@@ -133,6 +140,16 @@ _WRITE_BATCH: Final = (
     " FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::int[])"
     "  AS v(sid, mc, ls, pc, lc)"
     " WHERE s.sid = v.sid")
+
+
+async def _nothing_to_reset(conn: Any) -> None:
+    """The pool's reset on release, made a no-op: this adapter leaves no session state.
+
+    asyncpg's default sends one more query per release (unlock advisory locks, close
+    cursors, unlisten, reset settings), doubling the round trips of a point read. Here
+    locks are transaction-scoped, cursors live inside transactions, nothing listens
+    and nothing is SET after connect; asyncpg still ends any open transaction itself.
+    """
 
 
 def _now_iso() -> str:
@@ -173,6 +190,9 @@ class _Append:
     mutations: list[dict[str, Any]]
     future: asyncio.Future[AppendResult]
     context: contextvars.Context
+
+
+_Outcome = tuple[_Append, AppendResult | None, BaseException | None]
 
 
 @dataclass(slots=True)
@@ -259,7 +279,7 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=min(2, self.pool_size), max_size=self.pool_size,
-                timeout=self._connect_timeout_s,
+                timeout=self._connect_timeout_s, reset=_nothing_to_reset,
                 server_settings={"synchronous_commit": "on", "application_name": "ballast"})
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -465,11 +485,13 @@ class PostgresStore:
                 group = self._take()
                 if not group:
                     return
-                try:
-                    outcomes = await self._commit(group)
-                except Exception as exc:  # a flusher must answer every caller it took
-                    outcomes = [(a, None, exc) for a in group]
+                outcomes, deferred = await self._commit(group)
                 self._settle(outcomes)
+                # Sessions another process held: each in a transaction of its own that
+                # waits for its one lock, after the others' callers were answered.
+                for items in deferred.values():
+                    more, _ = await self._commit(items)
+                    self._settle(more)
                 self._kick()
         finally:
             self._running_flushes -= 1
@@ -477,35 +499,51 @@ class PostgresStore:
                 self._kick()
 
     async def _commit(self, group: list[_Append]
-                      ) -> list[tuple[_Append, AppendResult | None, BaseException | None]]:
-        """One transaction for the group; if it fails, each append again on its own."""
+                      ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
+        """One transaction for the group; if it fails, each append again on its own.
+
+        A transaction over several sessions takes their locks with ``SKIP LOCKED``, so
+        it never waits on another process while holding locks of its own (two such
+        transactions would queue behind each other's whole lock sets); the sessions it
+        skipped are returned, to be committed next, alone.
+        """
         self.flushes += 1
         try:
-            return await self._apply(group)
-        except Exception as exc:
+            return await self._transaction(group, skip_locked=len({a.key for a in group}) > 1)
+        except Exception as exc:  # a flusher must answer every caller it took
             if len(group) == 1:
-                return [(group[0], None, exc)]
-        outcomes = []
+                return [(group[0], None, exc)], {}
+        outcomes: list[_Outcome] = []
         for item in group:
             self.flushes += 1
             try:
-                outcomes.extend(await self._apply([item]))
+                outcomes.extend((await self._transaction([item], skip_locked=False))[0])
             except Exception as exc:
                 outcomes.append((item, None, exc))
-        return outcomes
+        return outcomes, {}
 
-    async def _apply(self, group: list[_Append]
-                     ) -> list[tuple[_Append, AppendResult | None, BaseException | None]]:
+    async def _transaction(self, group: list[_Append], *, skip_locked: bool
+                           ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
         keys = list(dict.fromkeys(a.key for a in group))
+        tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
+        deferred: dict[tuple[str, str], list[_Append]] = {}
         async with self._require_pool().acquire() as conn, conn.transaction():
-            locked = await conn.fetch(_LOCK_SESSIONS, [k[0] for k in keys], [k[1] for k in keys])
+            locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
             sessions: dict[tuple[str, str], _SessionState] = {
                 (r["tenant"], r["session_id"]): _SessionState(
                     r["sid"], r["state"], r["last_seq"], r["mutation_count"],
                     r["participant_count"], r["label_count"]) for r in locked}
+            if skip_locked and len(sessions) < len(keys):
+                missing = [k for k in keys if k not in sessions]
+                held = {(r[0], r[1]) for r in await conn.fetch(
+                    _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
+                for item in group:
+                    if item.key in held:
+                        deferred.setdefault(item.key, []).append(item)
+                group = [item for item in group if item.key not in held]
             await self._load_existing(conn, group, sessions)
             writes = _Writes()
-            results: list[tuple[_Append, AppendResult | None, BaseException | None]] = []
+            results: list[_Outcome] = []
             for item in group:
                 session = sessions.get(item.key)
                 try:
@@ -517,7 +555,7 @@ class PostgresStore:
             if writes.sessions:
                 await conn.execute(_WRITE_BATCH, *writes.args())
         self._commit_metrics.committed(result for _, result, _ in results)
-        return results  # committed: the transaction block above has exited
+        return results, deferred  # committed: the transaction block above has exited
 
     async def _load_existing(self, conn: Any, group: list[_Append],
                              sessions: dict[tuple[str, str], _SessionState]) -> None:
@@ -595,7 +633,7 @@ class PostgresStore:
             writes.sessions[sid] = session
         return AppendResult(accepted, last_seq)
 
-    def _settle(self, outcomes: list[tuple[_Append, AppendResult | None, BaseException | None]]) -> None:
+    def _settle(self, outcomes: list[_Outcome]) -> None:
         drained: list[tuple[str, str]] = []
         for item, result, error in outcomes:
             self.appends += 1

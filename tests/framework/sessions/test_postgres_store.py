@@ -156,3 +156,30 @@ async def test_a_batch_that_fails_in_the_database_fails_alone(pg_url: str) -> No
         assert [m["text"] for m in await store.list_mutations(T, "a", 0, 10)] == ["one", "two"]
     finally:
         await store.close()
+
+
+async def test_a_session_held_by_another_process_does_not_hold_up_the_others(pg_url: str) -> None:
+    store = PostgresStore(pg_url, pool_size=4, flushers=1)
+    await store.open()
+    other = await asyncpg.connect(pg_url)  # another process, in the middle of an append
+    try:
+        await store.create_session(T, "held", None, [])
+        await store.create_session(T, "free", None, [])
+        await store.append(T, "held", [note("first")])
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM sessions WHERE session_id = 'held' FOR UPDATE")
+        held = asyncio.ensure_future(store.append(T, "held", [note("second", "h2")]))
+        free = asyncio.ensure_future(store.append(T, "free", [note("only")]))
+        # One shared flush takes both; the held session is skipped, the free one commits.
+        assert (await asyncio.wait_for(free, 10)).last_seq == 1
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        await other.execute("UPDATE sessions SET last_seq = last_seq WHERE session_id = 'held'")
+        await tx.commit()
+        result = await asyncio.wait_for(held, 10)
+        assert [(a.seq, a.duplicate) for a in result.accepted] == [(2, False)]
+        assert [m["text"] for m in await store.list_mutations(T, "held", 0, 10)] == ["first", "second"]
+    finally:
+        await other.close()
+        await store.close()
