@@ -120,10 +120,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if metrics.telemetry.exporter is not None:
             metrics.record(request.method, route, status, seconds)
         extra = request.get(LOG_FIELDS)  # e.g. the trace id, from the tracing plugin
-        if sid is not None:
-            extra = {**extra, "session_id": sid} if extra else {"session_id": sid}
-        blog.request_line(request.method, route, request.path, status,
-                          round(seconds * 1000, 3), rid, **(extra or {}))
+        blog.request_line(request.method, route, request.path, status, round(seconds * 1000, 3), rid,
+                          **({} if sid is None else {"session_id": sid}), **(extra or {}))
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
