@@ -59,9 +59,12 @@ GAUGE_MODES: dict[str, str] = {
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+#: Where the metrics are served: fixed, because admission control never sheds it and
+#: the auth plugin guards it by this path.
+PATH = "/metrics"
+
+
 class Settings(PluginSection):
-    path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_./-]*$",
-                      description="the path that serves the metrics")
     sample_interval_s: float = Field(
         default=1.0, gt=0, le=60,
         description="multiprocess mode: how often sampled gauges are copied to the shared files")
@@ -171,7 +174,7 @@ def ballast_app_built(app: web.Application,
     exporter = PrometheusExporter(multiproc_dir=multiprocess_dir())
     app[TELEMETRY].attach(exporter)
     app[EXPORTER] = exporter
-    app.router.add_get(s.path, metrics_handler(exporter), allow_head=False)
+    app.router.add_get(PATH, metrics_handler(exporter), allow_head=False)
 
     async def sampler(app: web.Application) -> AsyncIterator[None]:
         task = None

@@ -164,12 +164,6 @@ async def test_disabled_there_is_no_endpoint_and_nothing_is_attached(
     assert (await client.get("/metrics")).status == 404
 
 
-async def test_the_path_setting_moves_the_endpoint(tmp_path: Path, aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_app(_config(tmp_path, BALLAST__PLUGINS__METRICS__PATH="/_m")))
-    assert (await client.get("/metrics")).status == 404
-    assert (await client.get("/_m")).status == 200
-
-
 async def test_each_app_has_a_registry_of_its_own(tmp_path: Path, aiohttp_client: Any) -> None:
     one = await aiohttp_client(build_app(_config(tmp_path / "one")))
     two = await aiohttp_client(build_app(_config(tmp_path / "two")))
