@@ -146,6 +146,10 @@ class AppTracing:
             tokens = structlog.contextvars.bind_contextvars(**_ids(span))
             try:
                 yield span
+            except web.HTTPException as exc:  # an answer (a redirect), failed only if 5xx
+                if exc.status >= 500:
+                    _failed(span, str(exc.status))
+                raise
             except BaseException as exc:
                 _failed(span, getattr(exc, "kind", None) or type(exc).__name__)
                 raise
