@@ -81,6 +81,8 @@ class PrometheusExporter:
 
     def __init__(self, *, multiproc_dir: str | None = None) -> None:
         self.multiproc_dir = multiproc_dir
+        if multiproc_dir is not None:
+            os.makedirs(multiproc_dir, exist_ok=True)
         if multiproc_dir is not None and not getattr(prometheus_values.ValueClass, "_multiprocess", False):
             # prometheus-client picks its value class when first imported; the directory
             # may have been set after that (``ballast serve`` sets it before the workers
