@@ -82,6 +82,10 @@ class PrometheusExporter:
     def __init__(self, *, multiproc_dir: str | None = None) -> None:
         self.multiproc_dir = multiproc_dir
         if multiproc_dir is not None:
+            # prometheus-client's values find their files through the environment.
+            named = os.environ.setdefault(MULTIPROC_ENV, multiproc_dir)
+            if named != multiproc_dir:
+                raise ValueError(f"{MULTIPROC_ENV} names {named}, not {multiproc_dir}")
             os.makedirs(multiproc_dir, exist_ok=True)
         if multiproc_dir is not None and not getattr(prometheus_values.ValueClass, "_multiprocess", False):
             # prometheus-client picks its value class when first imported; the directory

@@ -207,3 +207,38 @@ def test_metrics_route_is_a_plain_get(tmp_path: Path) -> None:
     assert ("GET", "/metrics") in routes
     assert isinstance(app[EXPORTER], PrometheusExporter)
     assert isinstance(app, web.Application)
+
+
+_WRITER = """
+import sys
+from ballast.plugins.metrics import PrometheusExporter
+from ballast.telemetry import Telemetry
+
+directory, state, busy = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+telemetry = Telemetry()
+telemetry.gauge("ballast_executor_in_use").sample(lambda: busy)
+exporter = PrometheusExporter(multiproc_dir=directory)
+telemetry.attach(exporter)
+telemetry.gauge("ballast_circuit_state").set(state, "openai")
+telemetry.counter("ballast_executor_rejected_total").inc()
+if len(sys.argv) > 4:
+    sys.stdout.write(exporter.scrape().decode())
+"""
+
+
+def test_multiprocess_gauges_sum_quantities_and_keep_the_worst_state(tmp_path: Path) -> None:
+    """Three processes on one directory (a fresh interpreter each: the mode is per process)."""
+    import subprocess
+    import sys
+
+    def run(state: int, busy: int, *scrape: str) -> str:
+        args = [sys.executable, "-c", _WRITER, str(tmp_path), str(state), str(busy), *scrape]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
+        return result.stdout
+
+    run(2, 3)  # this process saw the circuit open, 3 threads busy
+    run(0, 4)
+    got = Scrape(run(1, 0, "scrape"))
+    assert got.total("ballast_executor_in_use") == 7  # summed
+    assert got.total("ballast_circuit_state", upstream="openai") == 2  # the worst
+    assert got.total("ballast_executor_rejected_total") == 3
