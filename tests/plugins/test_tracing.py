@@ -342,3 +342,16 @@ def test_the_otlp_exporter_sends_the_spans_to_the_collector(tmp_path: Path) -> N
     (health,) = [s for s in spans if s.name == "GET /healthz"]
     assert health.trace_id.hex() == TRACE_ID
     assert health.parent_span_id.hex() == PARENT_ID
+
+
+def test_make_exporter_follows_the_setting() -> None:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    assert tracing.make_exporter(tracing.Settings(enabled=True, exporter="none")) is None
+    console = tracing.make_exporter(tracing.Settings(enabled=True, exporter="console"))
+    assert isinstance(console, ConsoleSpanExporter)
+    assert console.out is sys.stderr  # stdout is the JSON log
+    with pytest.raises(ValueError):
+        tracing.Settings(enabled=True, exporter="zipkin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        tracing.Settings(enabled=True, sample_ratio=1.5)
