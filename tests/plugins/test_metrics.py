@@ -21,12 +21,22 @@ from metrics_support import CONTENT_TYPE, Scrape
 from ballast.app import build_app
 from ballast.config import load_settings
 from ballast.errors import Overloaded
+from ballast.executor import LoopDefaultExecutor
 from ballast.keys import EXECUTOR, TELEMETRY
 from ballast.plugins.bulkhead import BoundedExecutor
 from ballast.plugins.metrics import EXPORTER, PrometheusExporter
 from ballast.telemetry import METRICS, Telemetry
 
 SESSION_ROUTE = "/v1/sessions/{session_id}"
+
+
+async def _until(condition: Any, within_s: float = 10.0) -> None:
+    """Let the loop run until ``condition()`` holds (a wait, not a timing assertion)."""
+    for _ in range(int(within_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
 
 
 def _config(tmp_path: Path, **env: str) -> Any:
@@ -127,7 +137,7 @@ async def test_executor_gauges_are_read_at_scrape_and_rejections_counted(
     release = threading.Event()
     busy = asyncio.ensure_future(executor.run(release.wait, 10))
     queued = asyncio.ensure_future(executor.run(release.wait, 10))
-    await asyncio.sleep(0.05)
+    await _until(lambda: executor.in_flight == 2)
     with pytest.raises(Overloaded):
         await executor.run(release.wait, 10)
     got = await _scrape(client)
@@ -136,7 +146,7 @@ async def test_executor_gauges_are_read_at_scrape_and_rejections_counted(
     assert got.total("ballast_executor_rejected_total") == 1
     release.set()
     await asyncio.gather(busy, queued)
-    await asyncio.sleep(0.05)  # the pool's done-callbacks free the slots on the loop
+    await _until(lambda: executor.in_flight == 0)  # the pool's done-callbacks run on the loop
     got = await _scrape(client)
     assert got.total("ballast_executor_in_use") == 0
     assert got.total("ballast_executor_queued") == 0
@@ -146,8 +156,10 @@ async def test_the_default_executor_reports_its_work_in_use(tmp_path: Path, aioh
     app = build_app(_config(tmp_path, BALLAST__PLUGINS__BULKHEAD__ENABLED="false"))
     client = await aiohttp_client(app)
     release = threading.Event()
-    work = asyncio.ensure_future(app[EXECUTOR].run(release.wait, 10))
-    await asyncio.sleep(0.05)
+    fallback = app[EXECUTOR]
+    assert isinstance(fallback, LoopDefaultExecutor)
+    work = asyncio.ensure_future(fallback.run(release.wait, 10))
+    await _until(lambda: fallback.in_flight == 1)
     assert (await _scrape(client)).total("ballast_executor_in_use") == 1
     release.set()
     await work
