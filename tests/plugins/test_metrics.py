@@ -112,7 +112,7 @@ async def test_finalize_counts_the_job_and_times_each_stage(client: TestClient) 
     assert (await client.post("/v1/sessions/f/mutations", json={"mutations": [utterance]})).status == 200
     assert (await client.post("/v1/sessions/f/finalize")).status == 202
     job = (await (await client.get("/v1/sessions/f/finalize?wait=10")).json())["job"]
-    for _ in range(200):
+    for _ in range(600):
         if job["state"] != "running":
             break
         await asyncio.sleep(0.05)

@@ -132,7 +132,7 @@ async def test_finalize_job_span_holds_one_span_per_stage(
     client, spans = await _traced_client(tmp_path, aiohttp_client, fake)
     await _session(client, "t2")
     assert (await client.post("/v1/sessions/t2/finalize")).status == 202
-    for _ in range(200):
+    for _ in range(600):
         job = (await (await client.get("/v1/sessions/t2/finalize")).json())["job"]
         if job["state"] != "running":
             break
