@@ -33,7 +33,7 @@ _OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, dict[int, type[Ba
       {"name": "limit", "in": "query", "required": False,
        "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]),
     ("post", "/v1/sessions/{session_id}/resolve", "resolveSpeakers", None,
-     {200: m.ResolveResult, 409: None, 502: None}, [_ID]),
+     {200: m.ResolveResult, 409: None, 502: None, 503: None}, [_ID]),
     ("post", "/v1/sessions/{session_id}/finalize", "startFinalize", None,
      {202: m.FinalizeJobEnvelope, 409: None}, [_ID]),
     ("get", "/v1/sessions/{session_id}/finalize", "getFinalize", None, {200: m.FinalizeJobEnvelope}, [_ID]),

@@ -196,7 +196,8 @@ class RetryBudget:
     """Retries allowed to one upstream: ``ratio`` x recent calls + a reserve (Finagle style).
 
     Counts over a sliding window of ``window_s`` in ten buckets: every call deposits
-    (:meth:`deposit`, once, for its first attempt) and every retry withdraws
+    (:meth:`deposit`, once, when its first attempt was sent: calls refused locally earn
+    nothing, or an open breaker would bank retries for later) and every retry withdraws
     (:meth:`try_withdraw`). A retry is allowed while
     ``retries < ratio * calls + min_retries_per_s * window_s`` over the window. So a
     hard-down upstream sees at most ``ratio`` extra attempts per call once the reserve
@@ -309,8 +310,6 @@ class RetryingCall:
             request = dataclasses.replace(request, attempt_timeout_s=s.attempt_timeout_s)
         state = self.upstreams.for_url(request.upstream, request.url)
         retry_budget = self._budget(state) if s.budget else None
-        if retry_budget is not None:
-            retry_budget.deposit()
         sent = 0
         status: int | None = None
         error: BaseException | None = None
@@ -331,6 +330,8 @@ class RetryingCall:
                     raise self._failed(request, sent, exc.kind, status, error,
                                        "no time left for another attempt") from exc
                 sent += 1
+                if sent == 1 and retry_budget is not None:
+                    retry_budget.deposit()  # only calls that reached the upstream earn retries
                 status, error = exc.upstream_status, exc.__cause__ or exc
                 if not (isinstance(exc, AttemptError) and exc.retryable):
                     raise self._failed(request, sent, exc.kind, status, error,
@@ -339,6 +340,8 @@ class RetryingCall:
                 retry_after: float | None = None
             else:
                 sent += 1
+                if sent == 1 and retry_budget is not None:
+                    retry_budget.deposit()
                 if response.status not in s.statuses:
                     return UpstreamResponse(response.status, response.headers, response.body,
                                             attempts=sent)

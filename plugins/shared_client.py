@@ -12,7 +12,7 @@ one session. If the session has been closed (by shutdown, or by a component that
 not have closed it) the next call creates a new one. The framework calls
 :meth:`SharedClientProvider.close` on shutdown.
 
-Disabled: each upstream call opens and closes a session of its own.
+Disabled: each upstream attempt opens and closes a session of its own.
 """
 
 from __future__ import annotations

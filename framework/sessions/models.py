@@ -164,6 +164,8 @@ class Session(BaseModel):
 
 class ResolveResult(BaseModel):
     speakers: dict[str, str]
+    #: Present (true) only when the fallback answered instead of the configured provider.
+    degraded: bool = False
 
 
 class SpeakerStats(BaseModel):
@@ -190,6 +192,8 @@ class Report(BaseModel):
     speakers: list[SpeakerStats]
     timeline: list[dict[str, Any]]
     generated_at: str
+    #: Present (true) only when the fallback wrote the summary instead of the configured provider.
+    degraded: bool = False
 
 
 class Problem(BaseModel):
@@ -201,3 +205,5 @@ class Problem(BaseModel):
     detail: str
     request_id: str
     errors: list[dict[str, Any]] | None = None
+    #: Upstream failures and refusals: the decision's reason code (ballast.telemetry.Reason).
+    kind: str | None = None
