@@ -482,12 +482,12 @@ class PostgresStore:
                 group = self._take()
                 if not group:
                     return
-                outcomes, deferred = await self._commit(group)
+                outcomes, deferred = await self._commit(group, wait=False)
                 self._settle(outcomes)
-                # Sessions another process held: each in a transaction of its own that
-                # waits for its one lock, after the others' callers were answered.
-                for items in deferred.values():
-                    more, _ = await self._commit(items)
+                if deferred:
+                    # Sessions another process held, after the others' callers were
+                    # answered: one transaction that waits for their locks, in order.
+                    more, _ = await self._commit(deferred, wait=True)
                     self._settle(more)
                 self._kick()
         finally:
@@ -495,21 +495,24 @@ class PostgresStore:
             if self._ready and not self._closed:
                 self._kick()
 
-    async def _commit(self, group: list[_Append]
-                      ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
+    async def _commit(self, group: list[_Append], *, wait: bool
+                      ) -> tuple[list[_Outcome], list[_Append]]:
         """One transaction for the group; if it fails, each append again on its own.
 
-        A transaction over several sessions takes their locks with ``SKIP LOCKED``, so
-        it never waits on another process while holding locks of its own (two such
-        transactions would queue behind each other's whole lock sets); the sessions it
-        skipped are returned, to be committed next, alone.
+        Unless told to ``wait``, a transaction over several sessions takes their locks
+        with ``SKIP LOCKED``, so it never waits on another process while holding locks
+        of its own (two such transactions would queue behind each other's whole lock
+        sets); the appends of the sessions it skipped are returned, to be committed
+        next in a transaction that waits. Waiting transactions lock in ``sid`` order,
+        so they cannot deadlock with each other.
         """
         self.flushes += 1
         try:
-            return await self._transaction(group, skip_locked=len({a.key for a in group}) > 1)
+            return await self._transaction(
+                group, skip_locked=not wait and len({a.key for a in group}) > 1)
         except Exception as exc:  # a flusher must answer every caller it took
             if len(group) == 1:
-                return [(group[0], None, exc)], {}
+                return [(group[0], None, exc)], []
         outcomes: list[_Outcome] = []
         for item in group:
             self.flushes += 1
@@ -517,13 +520,13 @@ class PostgresStore:
                 outcomes.extend((await self._transaction([item], skip_locked=False))[0])
             except Exception as exc:
                 outcomes.append((item, None, exc))
-        return outcomes, {}
+        return outcomes, []
 
     async def _transaction(self, group: list[_Append], *, skip_locked: bool
-                           ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
+                           ) -> tuple[list[_Outcome], list[_Append]]:
         keys = list(dict.fromkeys(a.key for a in group))
         tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
-        deferred: dict[tuple[str, str], list[_Append]] = {}
+        deferred: list[_Append] = []
         async with self._require_pool().acquire() as conn, conn.transaction():
             locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
             sessions: dict[tuple[str, str], _SessionState] = {
@@ -534,9 +537,7 @@ class PostgresStore:
                 missing = [k for k in keys if k not in sessions]
                 held = {(r[0], r[1]) for r in await conn.fetch(
                     _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
-                for item in group:
-                    if item.key in held:
-                        deferred.setdefault(item.key, []).append(item)
+                deferred = [item for item in group if item.key in held]
                 group = [item for item in group if item.key not in held]
             await self._load_existing(conn, group, sessions)
             writes = _Writes()
