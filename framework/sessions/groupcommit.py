@@ -187,7 +187,7 @@ class WriteQueue(Generic[C]):
                 self.settle(outcomes)
                 if stop:
                     break
-        except BaseException as exc:
+        except BaseException as exc:  # a dead writer must still answer everyone
             with self._lock:
                 self.failure = type(exc).__name__
             log.critical("store.writer_failed", error_type=type(exc).__name__, error=str(exc))
@@ -198,7 +198,7 @@ class WriteQueue(Generic[C]):
         finally:
             try:
                 close(conn)
-            except Exception:
+            except Exception:  # closing a broken connection may fail too
                 pass
             self._answer_left()
 
