@@ -595,7 +595,7 @@ class PostgresStore:
         if session.state != "open":
             raise session_not_open(item.key[1], session.state)
         known = dict(session.known_ids)
-        accepted, rows, last_seq = ingest.number(item.mutations, session.last_seq, known)
+        accepted, rows, last_seq = ingest.number(item.mutations, session.last_seq, known, session.sid)
         derived = ingest.derive(item.mutations, accepted)
         new_names = [n for n in derived.joined if n not in session.participants]
         new_labels = [k for k in derived.labels if k not in session.labels]
@@ -606,7 +606,7 @@ class PostgresStore:
         session.known_ids = known
         sid = session.sid
         m = writes.m
-        for seq, mutation_id, type_, payload in rows:
+        for _, seq, mutation_id, type_, payload in rows:
             m[0].append(sid)
             m[1].append(seq)
             m[2].append(mutation_id)
