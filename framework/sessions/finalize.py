@@ -197,12 +197,10 @@ class FinalizeRunner:
         delay, tries = END_RETRY_FIRST_S, 0
         while True:
             job.elapsed_ms = job.elapsed()
+            progress = job.progress()  # copies: what is stored is the job as it will end
             if job.state == "succeeded":
-                persist["state"] = "succeeded"
-                persist["duration_ms"] = int((time.perf_counter() - t0) * 1000)
-            progress = job.progress()
-            if job.state == "succeeded":
-                persist["state"] = "running"
+                progress["stages"][-1].update(
+                    state="succeeded", duration_ms=int((time.perf_counter() - t0) * 1000))
             try:
                 await self._store.finish_job(lease, job.state, progress, report)
                 break

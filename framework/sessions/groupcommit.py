@@ -354,7 +354,7 @@ class ReadPool(Generic[C]):
                         if conn is None:
                             conn = self._connect()
                         answer = (read, read.run(conn), None)
-                    except Exception as exc:  # the caller gets it; the reader goes on
+                    except BaseException as exc:  # any error: the caller gets it; the reader goes on
                         answer = (read, None, exc)
                     answers.setdefault(read.loop, []).append(answer)
                 for loop, results in answers.items():

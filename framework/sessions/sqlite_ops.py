@@ -248,8 +248,9 @@ def apply_claim(owner: str, lease_s: float, limit: int, conn: sqlite3.Connection
     rows = conn.execute(
         f"SELECT s.pk, s.tenant, s.session_id, s.state, {', '.join('j.' + c for c in jobrecord.JOB_COLUMNS)}"
         " FROM jobs j JOIN sessions s ON s.pk = j.session_pk"
-        " WHERE j.state = 'running' AND j.lease_expires < ? ORDER BY j.lease_expires LIMIT ?",
-        (now, limit)).fetchall()
+        " WHERE j.state = 'running' AND j.lease_expires < ? AND j.owner IS NOT ?"
+        " ORDER BY j.lease_expires LIMIT ?",
+        (now, owner, limit)).fetchall()
     claimed: list[ClaimedJob] = []
     for pk, tenant, session_id, _state, *job_cols in rows:
         job = jobrecord.taken_over(jobrecord.job_from_row(job_cols), owner, now, lease_s)
