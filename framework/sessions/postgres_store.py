@@ -811,7 +811,10 @@ class PostgresStore:
                 f"SELECT s.sid, s.tenant, s.session_id, {_JOB_COLUMNS}, {_NOW} AS now"
                 " FROM jobs j JOIN sessions s ON s.sid = j.sid"
                 f" WHERE j.state = 'running' AND j.lease_expires < {_NOW}"
-                " ORDER BY j.lease_expires LIMIT $1 FOR UPDATE OF j, s SKIP LOCKED", limit)
+                # Its own jobs still run in this process (their lease ran out while the
+                # database was unreachable); their own END or renewal lands later.
+                " AND j.owner IS DISTINCT FROM $2"
+                " ORDER BY j.lease_expires LIMIT $1 FOR UPDATE OF j, s SKIP LOCKED", limit, owner)
             claimed: list[ClaimedJob] = []
             for row in rows:
                 job = _job(row)
