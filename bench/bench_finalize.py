@@ -81,12 +81,16 @@ async def build_db(path: Path, count: int) -> dict[str, Any]:
     """The session file, written by the store itself (API models validate every item)."""
     from ballast.sessions import models as m
     from ballast.sessions.sqlite_store import SQLiteStore
+    from ballast.sessions.store import SessionLimits
 
     t0 = time.perf_counter()
-    store = SQLiteStore(path, durability="normal")
+    # The largest size holds a million utterances plus its notes and joins, a little
+    # over the default [sessions] max_mutations: that limit is chosen inside the envelope
+    # measured here, so the file is built without it.
+    store = SQLiteStore(path, durability="normal", limits=SessionLimits(max_mutations=2_000_000))
     await store.open()
     try:
-        await store.create_session(SESSION, "Quarterly planning", list(PEOPLE))
+        await store.create_session("default", SESSION, "Quarterly planning", list(PEOPLE))
         total = 0
         for raw in mutations(count):
             # The same validation and dump as the POST handler, in chunks of the API's
@@ -95,7 +99,7 @@ async def build_db(path: Path, count: int) -> dict[str, Any]:
             for i in range(0, len(raw), m.MAX_BATCH):
                 batch = m.MutationBatch.model_validate({"mutations": raw[i:i + m.MAX_BATCH]})
                 items += [mu.model_dump(exclude_none=False) for mu in batch.mutations]
-            result = await store.append(SESSION, items)
+            result = await store.append("default", SESSION, items)
             total = result.last_seq
     finally:
         await store.close()

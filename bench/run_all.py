@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
     "retry": ("bench_retry.py", ["--rounds", "5"], ["--rounds", "1"], 900),
     "outage": ("bench_outage.py", ["--duration", "24"], ["--duration", "8"], 900),
     "logs": ("bench_logsummary.py", ["--rounds", "3"], ["--rounds", "1"], 1800),
+    "scaleout": ("bench_scaleout.py", ["--rounds", "5", "--duration", "4"],
+                 ["--rounds", "1", "--duration", "3"], 1800),
 }
 
 

@@ -175,9 +175,12 @@ def ballast_executor(config: Config, telemetry: Telemetry) -> BlockingExecutor |
 def ballast_finalize_wrappers(config: Config, telemetry: Telemetry) -> list[StageWrapper]:
     """Wrappers around a finalize job's run, called once at app build.
 
-    A wrapper is ``(run) -> run`` where ``run`` is ``async (job: JobContext) -> None``;
-    it may set ``job.deadline``, read ``job.current`` (the stage running), or cancel the
-    run. Applied in registration order, the first one outermost.
+    A wrapper is ``(run) -> run`` where ``run`` is ``async (job: JobContext) -> None``
+    (:mod:`ballast.jobs`, the job contract); it may set ``job.deadline``, read
+    ``job.current`` (the stage running), or cancel the run. It wraps the stages that
+    decide the job's outcome; storing that outcome (``persist``) happens after the
+    wrapped run returns and is not cut short. Applied in registration order, the first
+    one outermost.
     """
 
 

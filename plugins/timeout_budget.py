@@ -37,7 +37,8 @@ ORDER = 200
 WRITE_TIMEOUT_DETAIL = (
     "The request did not complete within its time budget, but its change may still have "
     "been stored. Retrying is safe: send the same mutations with the same ids (a repeated "
-    "id is not applied twice); a repeated finalize returns the job already started."
+    "id is not applied twice); a repeated finalize returns the job already started; a "
+    "repeated create answers 409 if the session was stored."
 )
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

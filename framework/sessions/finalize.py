@@ -166,7 +166,7 @@ class FinalizeRunner:
             await self._store.save_progress(lease, job.progress(), self._lease_s)
         except LeaseLost:
             raise
-        except Exception as exc:
+        except Exception as exc:  # progress is advisory; the END write is not
             log.warning("finalize.progress_not_saved", session_id=job.session_id,
                         attempt=job.attempt, stage=job.current, error_type=type(exc).__name__)
 
@@ -207,12 +207,10 @@ class FinalizeRunner:
         delay, tries = END_RETRY_FIRST_S, 0
         while True:
             job.elapsed_ms = job.elapsed()
+            progress = job.progress()  # copies: what is stored is the job as it will end
             if job.state == "succeeded":
-                persist["state"] = "succeeded"
-                persist["duration_ms"] = int((time.perf_counter() - t0) * 1000)
-            progress = job.progress()
-            if job.state == "succeeded":
-                persist["state"] = "running"
+                progress["stages"][-1].update(
+                    state="succeeded", duration_ms=int((time.perf_counter() - t0) * 1000))
             try:
                 await self._store.finish_job(lease, job.state, progress, report)
                 break
@@ -220,7 +218,7 @@ class FinalizeRunner:
                 if not await self._ended_by_us(job, lease):
                     raise
                 break
-            except Exception as exc:
+            except Exception as exc:  # any store failure: try again
                 tries += 1
                 log.warning("finalize.end_retry", session_id=job.session_id, attempt=job.attempt,
                             state=job.state, tries=tries, retry_in_ms=int(delay * 1000),
@@ -250,7 +248,7 @@ class FinalizeRunner:
         """After LeaseLost on END: did an earlier try of ours commit (its answer was lost)?"""
         try:
             stored = await self._store.get_job(lease.tenant, lease.session_id)
-        except Exception:
+        except Exception:  # unknown: treat the job as no longer ours
             return False
         return stored is not None and stored.fence == lease.fence and stored.state == job.state
 
@@ -267,7 +265,7 @@ class FinalizeRunner:
                 lost.append(True)
                 run.cancel()
                 return
-            except Exception as exc:
+            except Exception as exc:  # keep beating; the lease may still hold
                 log.warning("finalize.lease_renew_failed", session_id=job.session_id,
                             attempt=job.attempt, error_type=type(exc).__name__)
 
@@ -276,7 +274,7 @@ class FinalizeRunner:
         try:
             await asyncio.wait_for(self._store.release_job(lease), RELEASE_TIMEOUT_S)
             released = True
-        except (Exception, asyncio.CancelledError):
+        except (Exception, asyncio.CancelledError):  # the lease then simply expires
             released = False
         log.info("finalize.released", session_id=job.session_id, attempt=job.attempt,
                  stage=job.current, released=released)

@@ -190,7 +190,7 @@ class WriteQueue(Generic[C]):
                 self.settle(outcomes)
                 if stop:
                     break
-        except BaseException as exc:
+        except BaseException as exc:  # a dead writer must still answer everyone
             with self._lock:
                 self.failure = type(exc).__name__
             log.critical("store.writer_failed", error_type=type(exc).__name__, error=str(exc))
@@ -201,7 +201,7 @@ class WriteQueue(Generic[C]):
         finally:
             try:
                 close(conn)
-            except Exception:
+            except Exception:  # closing a broken connection may fail too
                 pass
             self._answer_left()
 
@@ -358,7 +358,7 @@ class ReadPool(Generic[C]):
                         if conn is None:
                             conn = self._connect()
                         answer = (read, read.run(conn), None)
-                    except Exception as exc:  # the caller gets it; the reader goes on
+                    except BaseException as exc:  # any error: the caller gets it; the reader goes on
                         answer = (read, None, exc)
                     answers.setdefault(read.loop, []).append(answer)
                 for loop, results in answers.items():

@@ -17,18 +17,19 @@ import orjson
 
 from ballast.sessions.store import SPEAKERS_RESOLVED, Accepted, SessionLimits, session_limit
 
-#: A stored mutation row: (seq, mutation_id, type, payload JSON).
-Row = tuple[int, str | None, str, str]
+#: A stored mutation row: (session key, seq, mutation_id, type, payload JSON).
+Row = tuple[Any, int, str | None, str, str]
 
 
-def number(mutations: list[dict[str, Any]], last_seq: int,
-           known: dict[str, int]) -> tuple[list[Accepted], list[Row], int]:
+def number(mutations: list[dict[str, Any]], last_seq: int, known: dict[str, int],
+           key: Any = None) -> tuple[list[Accepted], list[Row], int]:
     """Give each new mutation the next seq; a known id (or one repeated) keeps its seq.
 
     ``known`` maps ids already stored to their seq (an adapter may pass ``{}`` first
     and call again with the ids its unique index reported); it is filled in with the ids
     of this batch as they are numbered. Returns the outcome per mutation, the rows to
-    insert and the session's new ``last_seq``.
+    insert (each starting with ``key``, the adapter's key of the session) and the
+    session's new ``last_seq``.
     """
     accepted: list[Accepted] = []
     rows: list[Row] = []
@@ -46,7 +47,7 @@ def number(mutations: list[dict[str, Any]], last_seq: int,
         payload = mutation.copy()
         payload.pop("id", None)
         type_ = payload.pop("type")
-        rows.append((seq, mutation_id, type_, dumps(payload).decode()))
+        rows.append((key, seq, mutation_id, type_, dumps(payload).decode()))
         accepted.append(Accepted(mutation_id, seq, False))
     return accepted, rows, seq
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
+import asyncpg
 import orjson
 import structlog
 
@@ -80,6 +81,10 @@ T = TypeVar("T")
 #: waiting behind an unbounded backlog.
 MAX_FLUSH_MUTATIONS: Final = 20_000
 MAX_FLUSH_REQUESTS: Final = 512
+
+#: No statement waits longer than this on the database (a lost connection, a stuck
+#: lock): the caller gets a StoreError instead of waiting forever.
+COMMAND_TIMEOUT_S: Final = 60.0
 
 _NOW: Final = "extract(epoch from clock_timestamp())::float8"
 
@@ -195,6 +200,27 @@ class _Append:
 _Outcome = tuple[_Append, AppendResult | None, BaseException | None]
 
 
+#: SQLSTATE classes of errors that can end a connection in the middle of a COMMIT
+#: (connection exception, operator intervention such as an administrator's terminate,
+#: system and internal errors): the COMMIT may or may not have been applied.
+_UNKNOWN_OUTCOME_CLASSES: Final = frozenset({"08", "57", "58", "XX"})
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """True if a failed COMMIT certainly did not commit (the server refused it)."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False  # no answer: a lost connection, a timeout
+    return str(getattr(exc, "sqlstate", ""))[:2] not in _UNKNOWN_OUTCOME_CLASSES
+
+
+class _CommitUnknown(Exception):
+    """COMMIT failed without an answer (the connection died): the outcome is unknown."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(slots=True)
 class _SessionState:
     """A locked session as a flush sees it, moved on by each append applied to it."""
@@ -273,13 +299,12 @@ class PostgresStore:
             return
         if self._closed:
             raise StoreError(internal="A closed PostgresStore cannot be reopened; make a new one.")
-        import asyncpg
-
         self._loop = asyncio.get_running_loop()
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=min(2, self.pool_size), max_size=self.pool_size,
                 timeout=self._connect_timeout_s, reset=_nothing_to_reset,
+                command_timeout=COMMAND_TIMEOUT_S,
                 server_settings={"synchronous_commit": "on", "application_name": "ballast"})
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -485,12 +510,12 @@ class PostgresStore:
                 group = self._take()
                 if not group:
                     return
-                outcomes, deferred = await self._commit(group)
+                outcomes, deferred = await self._commit(group, wait=False)
                 self._settle(outcomes)
-                # Sessions another process held: each in a transaction of its own that
-                # waits for its one lock, after the others' callers were answered.
-                for items in deferred.values():
-                    more, _ = await self._commit(items)
+                if deferred:
+                    # Sessions another process held, after the others' callers were
+                    # answered: one transaction that waits for their locks, in order.
+                    more, _ = await self._commit(deferred, wait=True)
                     self._settle(more)
                 self._kick()
         finally:
@@ -498,64 +523,93 @@ class PostgresStore:
             if self._ready and not self._closed:
                 self._kick()
 
-    async def _commit(self, group: list[_Append]
-                      ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
+    async def _commit(self, group: list[_Append], *, wait: bool
+                      ) -> tuple[list[_Outcome], list[_Append]]:
         """One transaction for the group; if it fails, each append again on its own.
 
-        A transaction over several sessions takes their locks with ``SKIP LOCKED``, so
-        it never waits on another process while holding locks of its own (two such
-        transactions would queue behind each other's whole lock sets); the sessions it
-        skipped are returned, to be committed next, alone.
+        Unless told to ``wait``, a transaction over several sessions takes their locks
+        with ``SKIP LOCKED``, so it never waits on another process while holding locks
+        of its own (two such transactions would queue behind each other's whole lock
+        sets); the appends of the sessions it skipped are returned, to be committed
+        next in a transaction that waits. Waiting transactions lock in ``sid`` order,
+        so they cannot deadlock with each other.
         """
         self.flushes += 1
         try:
-            return await self._transaction(group, skip_locked=len({a.key for a in group}) > 1)
-        except Exception as exc:  # a flusher must answer every caller it took
+            return await self._transaction(
+                group, skip_locked=not wait and len({a.key for a in group}) > 1)
+        except _CommitUnknown as unknown:
+            # COMMIT was sent and no answer came: the batch may be stored. Running it
+            # again would store its id-less mutations twice, so every caller is told
+            # it failed; a client's retry with the same ids is then answered exactly.
+            return [(item, None, unknown.error) for item in group], []
+        except Exception as exc:  # rolled back: nothing of the group is stored
             if len(group) == 1:
-                return [(group[0], None, exc)], {}
+                return [(group[0], None, exc)], []
         outcomes: list[_Outcome] = []
         for item in group:
             self.flushes += 1
             try:
                 outcomes.extend((await self._transaction([item], skip_locked=False))[0])
+            except _CommitUnknown as unknown:
+                outcomes.append((item, None, unknown.error))
             except Exception as exc:
                 outcomes.append((item, None, exc))
-        return outcomes, {}
+        return outcomes, []
 
     async def _transaction(self, group: list[_Append], *, skip_locked: bool
-                           ) -> tuple[list[_Outcome], dict[tuple[str, str], list[_Append]]]:
+                           ) -> tuple[list[_Outcome], list[_Append]]:
         keys = list(dict.fromkeys(a.key for a in group))
-        tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
-        deferred: dict[tuple[str, str], list[_Append]] = {}
-        async with self._require_pool().acquire() as conn, conn.transaction():
-            locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
-            sessions: dict[tuple[str, str], _SessionState] = {
-                (r["tenant"], r["session_id"]): _SessionState(
-                    r["sid"], r["state"], r["last_seq"], r["mutation_count"],
-                    r["participant_count"], r["label_count"]) for r in locked}
-            if skip_locked and len(sessions) < len(keys):
-                missing = [k for k in keys if k not in sessions]
-                held = {(r[0], r[1]) for r in await conn.fetch(
-                    _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
-                for item in group:
-                    if item.key in held:
-                        deferred.setdefault(item.key, []).append(item)
-                group = [item for item in group if item.key not in held]
-            await self._load_existing(conn, group, sessions)
-            writes = _Writes()
-            results: list[_Outcome] = []
-            for item in group:
-                session = sessions.get(item.key)
+        async with self._require_pool().acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                results, deferred = await self._write(conn, group, keys, skip_locked)
+            except BaseException:
                 try:
-                    if session is None:
-                        raise session_not_found(item.key[1])
-                    results.append((item, self._number(item, session, writes), None))
-                except ClientError as exc:
-                    results.append((item, None, exc))
-            if writes.sessions:
-                await conn.execute(_WRITE_BATCH, *writes.args())
+                    await transaction.rollback()
+                except Exception:  # a dead connection: the server rolls back anyway
+                    pass
+                raise
+            try:
+                await transaction.commit()
+            except Exception as exc:
+                if _rolled_back(exc):  # the server refused the COMMIT: a retry is safe
+                    raise
+                raise _CommitUnknown(exc) from exc
         self._commit_metrics.committed(result for _, result, _ in results)
-        return results, deferred  # committed: the transaction block above has exited
+        return results, deferred  # committed
+
+    async def _write(self, conn: Any, group: list[_Append], keys: list[tuple[str, str]],
+                     skip_locked: bool) -> tuple[list[_Outcome], list[_Append]]:
+        """Inside the append transaction: lock, read, number and write the group."""
+        tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
+        deferred: list[_Append] = []
+        locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
+        sessions: dict[tuple[str, str], _SessionState] = {
+            (r["tenant"], r["session_id"]): _SessionState(
+                r["sid"], r["state"], r["last_seq"], r["mutation_count"],
+                r["participant_count"], r["label_count"]) for r in locked}
+        if skip_locked and len(sessions) < len(keys):
+            missing = [k for k in keys if k not in sessions]
+            held = {(r[0], r[1]) for r in await conn.fetch(
+                _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
+            deferred = [item for item in group if item.key in held]
+            group = [item for item in group if item.key not in held]
+        await self._load_existing(conn, group, sessions)
+        writes = _Writes()
+        results: list[_Outcome] = []
+        for item in group:
+            session = sessions.get(item.key)
+            try:
+                if session is None:
+                    raise session_not_found(item.key[1])
+                results.append((item, self._number(item, session, writes), None))
+            except ClientError as exc:
+                results.append((item, None, exc))
+        if writes.sessions:
+            await conn.execute(_WRITE_BATCH, *writes.args())
+        return results, deferred
 
     async def _load_existing(self, conn: Any, group: list[_Append],
                              sessions: dict[tuple[str, str], _SessionState]) -> None:
@@ -598,7 +652,7 @@ class PostgresStore:
         if session.state != "open":
             raise session_not_open(item.key[1], session.state)
         known = dict(session.known_ids)
-        accepted, rows, last_seq = ingest.number(item.mutations, session.last_seq, known)
+        accepted, rows, last_seq = ingest.number(item.mutations, session.last_seq, known, session.sid)
         derived = ingest.derive(item.mutations, accepted)
         new_names = [n for n in derived.joined if n not in session.participants]
         new_labels = [k for k in derived.labels if k not in session.labels]
@@ -609,7 +663,7 @@ class PostgresStore:
         session.known_ids = known
         sid = session.sid
         m = writes.m
-        for seq, mutation_id, type_, payload in rows:
+        for _, seq, mutation_id, type_, payload in rows:
             m[0].append(sid)
             m[1].append(seq)
             m[2].append(mutation_id)
@@ -761,7 +815,10 @@ class PostgresStore:
                 f"SELECT s.sid, s.tenant, s.session_id, {_JOB_COLUMNS}, {_NOW} AS now"
                 " FROM jobs j JOIN sessions s ON s.sid = j.sid"
                 f" WHERE j.state = 'running' AND j.lease_expires < {_NOW}"
-                " ORDER BY j.lease_expires LIMIT $1 FOR UPDATE OF j, s SKIP LOCKED", limit)
+                # Its own jobs still run in this process (their lease ran out while the
+                # database was unreachable); their own END or renewal lands later.
+                " AND j.owner IS DISTINCT FROM $2"
+                " ORDER BY j.lease_expires LIMIT $1 FOR UPDATE OF j, s SKIP LOCKED", limit, owner)
             claimed: list[ClaimedJob] = []
             for row in rows:
                 job = _job(row)

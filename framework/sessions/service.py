@@ -73,7 +73,11 @@ class SessionService:
 
         Returns how many jobs were claimed now.
         """
-        claimed = await self._claim()
+        try:
+            claimed = await self._claim()
+        except Exception as exc:  # a busy store must not stop the server starting
+            log.warning("finalize.claim_failed", error_type=type(exc).__name__)
+            claimed = 0
         if claimed:
             log.warning("finalize.recovered", jobs=claimed)
         self._sweeper = asyncio.create_task(self._sweep(), name="finalize-sweeper")
@@ -95,7 +99,7 @@ class SessionService:
             await asyncio.sleep(interval)
             try:
                 await self._claim()
-            except Exception as exc:
+            except Exception as exc:  # the next sweep tries again
                 log.warning("finalize.claim_failed", error_type=type(exc).__name__)
 
     async def _claim(self) -> int:

@@ -37,8 +37,17 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-_SESSION_COLUMNS: Final = "pk, tenant, session_id, state, title, mutation_count, last_seq, created_at"
-_SELECT_SESSION: Final = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? AND session_id = ?"
+# A session with its participants, named speakers and job, in ONE statement: one
+# snapshot without a read transaction, and one step for the hot read.
+_SESSION_FULL: Final = (
+    "SELECT s.tenant, s.session_id, s.state, s.title, s.mutation_count, s.last_seq, s.created_at,"
+    " (SELECT json_group_array(name) FROM"
+    "   (SELECT name FROM participants WHERE session_pk = s.pk ORDER BY position)),"
+    " (SELECT json_group_object(label, name) FROM speakers WHERE session_pk = s.pk AND name IS NOT NULL), "
+    + ", ".join(f"j.{c}" for c in jobrecord.JOB_COLUMNS)
+    + " FROM sessions s LEFT JOIN jobs j ON j.session_pk = s.pk"
+)
+_SELECT_SESSION: Final = _SESSION_FULL + " WHERE s.tenant = ? AND s.session_id = ?"
 _SELECT_FOR_APPEND: Final = (
     "SELECT pk, state, last_seq, mutation_count, participant_count, label_count FROM sessions"
     " WHERE tenant = ? AND session_id = ?"
@@ -96,7 +105,7 @@ def apply_create(record: SessionRecord, limits: SessionLimits, conn: sqlite3.Con
 
 
 def _insert_rows(conn: sqlite3.Connection, pk: int, rows: list[ingest.Row]) -> None:
-    conn.executemany(_INSERT_MUTATION, [(pk, *row) for row in rows])
+    conn.executemany(_INSERT_MUTATION, rows)
 
 
 def apply_append(tenant: str, session_id: str, mutations: list[dict[str, Any]], limits: SessionLimits,
@@ -108,7 +117,7 @@ def apply_append(tenant: str, session_id: str, mutations: list[dict[str, Any]], 
     if state != "open":
         raise session_not_open(session_id, state)
 
-    accepted, rows, seq = ingest.number(mutations, last_seq, {})
+    accepted, rows, seq = ingest.number(mutations, last_seq, {}, key=pk)
     if not rows:
         return AppendResult(accepted, seq)
     if mutation_count + len(rows) > limits.max_mutations:
@@ -133,7 +142,7 @@ def apply_append(tenant: str, session_id: str, mutations: list[dict[str, Any]], 
                 conn.execute("RELEASE fresh_ids")
             ids = [m["id"] for m in mutations if m.get("id") is not None]
             known = dict(conn.execute(_SELECT_KNOWN_IDS, (pk, _json(ids))).fetchall())
-            accepted, rows, seq = ingest.number(mutations, last_seq, known)
+            accepted, rows, seq = ingest.number(mutations, last_seq, known, key=pk)
             _insert_rows(conn, pk, rows)
         else:
             if several:
@@ -142,12 +151,17 @@ def apply_append(tenant: str, session_id: str, mutations: list[dict[str, Any]], 
         return AppendResult(accepted, seq)
 
     derived = ingest.derive(mutations, accepted)
-    for name in derived.joined:
-        cur = conn.execute("INSERT OR IGNORE INTO participants (session_pk, name, position)"
-                           " VALUES (?, ?, ?)", (pk, name, participant_count + 1))
+    if derived.joined:
+        # Positions only order the names: one per candidate, gaps where a name was known.
+        base = conn.execute("SELECT coalesce(max(position), 0) FROM participants WHERE session_pk = ?",
+                            (pk,)).fetchone()[0]
+        cur = conn.executemany("INSERT OR IGNORE INTO participants (session_pk, name, position)"
+                               " VALUES (?, ?, ?)",
+                               [(pk, name, base + i) for i, name in enumerate(derived.joined, 1)])
         participant_count += cur.rowcount
-    for label in derived.labels:
-        cur = conn.execute("INSERT OR IGNORE INTO speakers (session_pk, label) VALUES (?, ?)", (pk, label))
+    if derived.labels:
+        cur = conn.executemany("INSERT OR IGNORE INTO speakers (session_pk, label) VALUES (?, ?)",
+                               [(pk, label) for label in derived.labels])
         label_count += cur.rowcount
     ingest.check_limits(session_id, limits, mutations=mutation_count + len(rows),
                         participants=participant_count, labels=label_count)
@@ -234,8 +248,9 @@ def apply_claim(owner: str, lease_s: float, limit: int, conn: sqlite3.Connection
     rows = conn.execute(
         f"SELECT s.pk, s.tenant, s.session_id, s.state, {', '.join('j.' + c for c in jobrecord.JOB_COLUMNS)}"
         " FROM jobs j JOIN sessions s ON s.pk = j.session_pk"
-        " WHERE j.state = 'running' AND j.lease_expires < ? ORDER BY j.lease_expires LIMIT ?",
-        (now, limit)).fetchall()
+        " WHERE j.state = 'running' AND j.lease_expires < ? AND j.owner IS NOT ?"
+        " ORDER BY j.lease_expires LIMIT ?",
+        (now, owner, limit)).fetchall()
     claimed: list[ClaimedJob] = []
     for pk, tenant, session_id, _state, *job_cols in rows:
         job = jobrecord.taken_over(jobrecord.job_from_row(job_cols), owner, now, lease_s)
@@ -251,54 +266,35 @@ def apply_claim(owner: str, lease_s: float, limit: int, conn: sqlite3.Connection
 # ---------------------------------------------------------------------- reads
 
 
-def _session(conn: sqlite3.Connection, row: Any) -> SessionRecord:
-    pk, tenant, sid, state, title, mutation_count, last_seq, created_at = row
-    participants = [r[0] for r in conn.execute(
-        "SELECT name FROM participants WHERE session_pk = ? ORDER BY position", (pk,))]
-    speakers = dict(conn.execute(
-        "SELECT label, name FROM speakers WHERE session_pk = ? AND name IS NOT NULL", (pk,)).fetchall())
-    return SessionRecord(sid, state, title, participants, mutation_count, last_seq, speakers,
-                         created_at, tenant)
+def _session(row: Any) -> tuple[SessionRecord, JobRecord | None]:
+    tenant, sid, state, title, mutation_count, last_seq, created_at, participants, speakers = row[:9]
+    record = SessionRecord(sid, state, title, _loads(participants), mutation_count, last_seq,
+                           _loads(speakers), created_at, tenant)
+    return record, None if row[9] is None else jobrecord.job_from_row(row[9:])
 
 
 def read_session(tenant: str, session_id: str, conn: sqlite3.Connection) -> SessionRecord | None:
-    # One read transaction, so the session row and its participant rows agree.
-    conn.execute("BEGIN")
-    try:
-        row = conn.execute(_SELECT_SESSION, (tenant, session_id)).fetchone()
-        return None if row is None else _session(conn, row)
-    finally:
-        conn.execute("COMMIT")
+    row = conn.execute(_SELECT_SESSION, (tenant, session_id)).fetchone()
+    return None if row is None else _session(row)[0]
 
 
 def read_session_with_job(tenant: str, session_id: str,
                           conn: sqlite3.Connection) -> tuple[SessionRecord | None, JobRecord | None]:
-    # One read transaction, so the session and its job are from the same commit.
-    conn.execute("BEGIN")
-    try:
-        row = conn.execute(_SELECT_SESSION, (tenant, session_id)).fetchone()
-        if row is None:
-            return None, None
-        return _session(conn, row), _job(conn, row[0])
-    finally:
-        conn.execute("COMMIT")
+    row = conn.execute(_SELECT_SESSION, (tenant, session_id)).fetchone()
+    return (None, None) if row is None else _session(row)
 
 
 def read_sessions(tenant: str, after: str | None, limit: int,
                   conn: sqlite3.Connection) -> list[tuple[SessionRecord, JobRecord | None]]:
-    conn.execute("BEGIN")
-    try:
-        start = 0
-        if after is not None:
-            found = conn.execute(_SELECT_PK, (tenant, after)).fetchone()
-            if found is None:
-                raise unknown_cursor(after)
-            start = found[0]
-        rows = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? AND pk > ?"
-                            " ORDER BY pk LIMIT ?", (tenant, start, limit)).fetchall()
-        return [(_session(conn, row), _job(conn, row[0])) for row in rows]
-    finally:
-        conn.execute("COMMIT")
+    start = 0
+    if after is not None:
+        found = conn.execute(_SELECT_PK, (tenant, after)).fetchone()
+        if found is None:
+            raise unknown_cursor(after)
+        start = found[0]
+    rows = conn.execute(_SESSION_FULL + " WHERE s.tenant = ? AND s.pk > ? ORDER BY s.pk LIMIT ?",
+                        (tenant, start, limit)).fetchall()
+    return [_session(row) for row in rows]
 
 
 def session_pk(tenant: str, session_id: str, conn: sqlite3.Connection) -> int | None:

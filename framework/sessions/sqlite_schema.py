@@ -63,6 +63,7 @@ CREATE TABLE participants (
     position   INTEGER NOT NULL,
     PRIMARY KEY (session_pk, name)
 ) WITHOUT ROWID;
+CREATE INDEX participants_in_order ON participants (session_pk, position);
 CREATE TABLE speakers (
     session_pk INTEGER NOT NULL,
     label      TEXT NOT NULL,

@@ -22,6 +22,23 @@ while it works; when a lease expires (the owner died), any process may claim the
 (:meth:`Store.claim_expired_jobs`), which moves the fencing token on, so every later
 write of the old owner fails with :class:`LeaseLost`.
 
+For adapter authors (the SQLite adapter is the reference):
+
+* Every write of one session runs in one transaction that first locks the session
+  (SQLite: the database write lock; PostgreSQL: ``SELECT ... FOR UPDATE`` on the
+  session row, or a transaction-scoped advisory lock on its key), so seqs stay
+  gapless and a job transition sees the states it checks unchanged until it commits.
+* Appends: :func:`ingest.number`, insert the rows (a unique index on (session,
+  mutation id) catches repeats), :func:`ingest.derive`, insert-if-absent the
+  participant and label rows, :func:`ingest.check_limits`, update the session's
+  counters.
+* Job transitions: read the session state and the job row, call the matching function
+  of :mod:`jobrecord` (``plan_start``/``started``, ``check_lease``, ``plan_finish``,
+  ``released``, ``taken_over``) and write what it returns. The job columns are
+  :data:`jobrecord.JOB_COLUMNS` (``job_row``/``job_from_row`` convert them).
+* Lease times are wall-clock Unix seconds (``time.time()``); with several hosts, keep
+  their clocks in sync (NTP) or take the time from the database.
+
 The records below are plain dataclasses rather than API models: the store knows
 nothing about HTTP, and the API layer builds its responses from them.
 """
@@ -366,7 +383,9 @@ class Store(Protocol):
         transaction per job or for all of them; a job already taken over
         :data:`jobrecord.MAX_TAKEOVERS` times is ended ``failed`` instead (its session
         ``failed``), so a job that kills every process that runs it cannot loop. Jobs
-        of every tenant are considered.
+        of every tenant are considered. Jobs whose owner is ``owner`` itself are not
+        claimed: they still run in the claiming process (their lease expired while the
+        store was unreachable; their own END or renewal lands once it is back).
         """
         ...
 

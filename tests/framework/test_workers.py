@@ -119,3 +119,19 @@ def test_reserve_port_resolves_port_zero_for_every_worker() -> None:
         again.close()
     finally:
         sock.close()
+
+
+async def test_gunicorn_app_builds_the_configured_application(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    from ballast.keys import CONFIG
+    from ballast.workers import gunicorn_app
+
+    config = tmp_path / "g.toml"
+    config.write_text(f'[storage]\npath = "{tmp_path / "g.db"}"\n[server]\nport = 9999\n')
+    monkeypatch.setenv("BALLAST_CONFIG", str(config))
+    app = await gunicorn_app()
+    assert isinstance(app, web.Application)
+    assert app[CONFIG].settings.server.port == 9999
+    assert app[CONFIG].settings.storage.path == str(tmp_path / "g.db")

@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from fake_upstream import FakeUpstreamProcess
 from reliability_support import HEAVY, Client, report, scale
 from support import ServerProcess
 
@@ -229,4 +230,85 @@ def test_no_acknowledged_mutation_is_lost_across_kill_9(tmp_path: Path) -> None:
     assert not seq_disagrees, seq_disagrees[:10]
     assert not any(gaps.values()), gaps
     assert not any(counts_off.values()), views
+    assert exit_code == 0
+
+
+# ---------------------------------------------------------------------- finalize jobs
+
+JOB_SESSIONS = [f"job-{i}" for i in range(scale(12, 40))]
+JOB_KILLS = scale(3, 8)
+JOB_LEASE_S = 1
+_END = {"succeeded": "finalized", "failed": "failed", "timed_out": "failed", "running": "finalizing"}
+
+
+def _job_of(client: Client, sid: str) -> dict[str, Any] | None:
+    status, _, body = client.call("GET", f"/v1/sessions/{sid}/finalize")
+    return body["job"] if status == 200 else None
+
+
+@pytest.mark.timeout(scale(240, 900))
+def test_finalize_jobs_cut_by_kill_9_are_taken_over_and_end_consistently(tmp_path: Path) -> None:
+    """Jobs running when the server is SIGKILLed are claimed by the next process once
+    their lease expires and carried to an end; no session is left ``finalizing``, and
+    every session's state agrees with its job's."""
+    rng = random.Random(int(os.environ.get("BALLAST_FAULT_SEED", "20")))
+    with FakeUpstreamProcess(default="hang:0.4") as fake:  # each report takes a while
+        config = f'[inference]\nprovider = "openai"\nbase_url = "{fake.base_url}"\nmodel = "m"\n'
+        server = ServerProcess(tmp_path, config, env={"BALLAST__STORAGE__JOB_LEASE_S": str(JOB_LEASE_S)})
+        server.start()
+        client = Client(server.base_url)
+        cut = 0
+        try:
+            for sid in JOB_SESSIONS:
+                assert client.call("POST", "/v1/sessions", {"session_id": sid})[0] == 201
+                rows = [{"type": "utterance", "speaker": f"spk_{i % 2}", "start_ms": i * 100,
+                         "end_ms": i * 100 + 90, "text": f"line {i}"} for i in range(200)]
+                assert client.call("POST", f"/v1/sessions/{sid}/mutations", {"mutations": rows})[0] == 200
+            for _ in range(JOB_KILLS):
+                for sid in rng.sample(JOB_SESSIONS, len(JOB_SESSIONS) // 2):
+                    client.call("POST", f"/v1/sessions/{sid}/finalize")
+                time.sleep(rng.uniform(0.1, 0.6))
+                cut += sum(1 for sid in JOB_SESSIONS
+                           if (_job_of(client, sid) or {}).get("state") == "running")
+                assert server.proc is not None
+                os.kill(server.proc.pid, signal.SIGKILL)
+                server.proc.wait()
+                server.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                jobs = {sid: _job_of(client, sid) for sid in JOB_SESSIONS}
+                if not any(j is not None and j["state"] == "running" for j in jobs.values()):
+                    break
+                time.sleep(0.2)
+            disagree = []
+            for sid in JOB_SESSIONS:
+                view = client.session(sid)
+                job = view["finalize"]
+                want = "open" if job is None else _END[job["state"]]
+                if view["state"] != want:
+                    disagree.append((sid, view["state"], job and job["state"]))
+            fake.set_default("ok")
+            finished = 0
+            for sid in JOB_SESSIONS:
+                if client.call("GET", f"/v1/sessions/{sid}")[2]["state"] != "finalized":
+                    assert client.call("POST", f"/v1/sessions/{sid}/finalize")[0] == 202
+                    finished += 1
+            for _ in range(300):
+                states = {sid: (_job_of(client, sid) or {}).get("state") for sid in JOB_SESSIONS}
+                if all(s == "succeeded" for s in states.values()):
+                    break
+                time.sleep(0.1)
+            taken_over = sum(1 for e in server.logs() if e.get("event") == "finalize.taken_over")
+        finally:
+            exit_code = server.stop() if server.proc is not None and server.proc.poll() is None else None
+
+    report(f"finalize across kill -9: {JOB_KILLS} x SIGKILL, {len(JOB_SESSIONS)} sessions, "
+           f"lease {JOB_LEASE_S} s", [
+        f"jobs running at a kill={cut} taken over={taken_over} disagreeing={len(disagree)} "
+        f"finalized afterwards={finished}",
+    ])
+    assert cut > 0, "no job was running at any kill: the kills hit idle time"
+    assert taken_over > 0
+    assert not disagree, disagree
+    assert all(s == "succeeded" for s in states.values()), states
     assert exit_code == 0

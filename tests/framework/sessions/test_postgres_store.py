@@ -183,3 +183,43 @@ async def test_a_session_held_by_another_process_does_not_hold_up_the_others(pg_
     finally:
         await other.close()
         await store.close()
+
+
+async def test_a_commit_without_an_answer_is_not_run_again(pg_url: str) -> None:
+    """The connection dies during COMMIT: the batch may be stored, so it is not retried.
+
+    Retrying it (as a batch that failed before COMMIT is) would store its id-less
+    mutations twice if the first COMMIT had in fact gone through.
+    """
+    store = PostgresStore(pg_url, pool_size=4, flushers=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        # A constraint trigger runs at COMMIT: it makes the COMMIT slow enough to cut.
+        await admin.execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;"
+            " CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mutations"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+        await store.create_session(T, "a", None, [])
+        await store.create_session(T, "b", None, [])
+        before = store.flushes
+        appends = asyncio.gather(store.append(T, "a", [note("x")]), store.append(T, "b", [note("y")]),
+                                 return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COMMIT%' AND state = 'active'"):
+            assert asyncio.get_running_loop().time() < deadline, "the COMMIT never started"
+            await asyncio.sleep(0.02)
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE query LIKE 'COMMIT%' AND state = 'active'")
+        outcomes = await asyncio.wait_for(appends, 20)
+        assert all(isinstance(o, StoreError) for o in outcomes), outcomes
+        assert store.flushes - before == 1  # one transaction: nothing was run again
+        await admin.execute("DROP TRIGGER slow_commit ON mutations")
+        assert await admin.fetchval("SELECT count(*) FROM mutations") == 0  # cut before commit
+        again = await store.append(T, "a", [note("x")])  # the store goes on
+        assert again.last_seq == 1
+    finally:
+        await admin.close()
+        await store.close()
