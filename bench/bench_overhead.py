@@ -5,6 +5,8 @@ request path adds shows. Three servers share one SQLite file and run side by sid
 
 * ``all_on``: ``ballast serve`` with the default config (every plugin enabled);
 * ``all_off``: the same with every builtin plugin disabled by environment;
+* ``metrics_off``: the default config with only the ``metrics`` plugin disabled, so
+  ``all_on`` / ``metrics_off`` is what recording and exporting metrics costs;
 * ``bare``: :mod:`bench.bare_app`, plain aiohttp with the read on the event loop and
   no logging;
 * ``bare_thread`` (for reference): the bare app with the read on a worker thread.
@@ -74,7 +76,8 @@ def raw_get(url: str) -> bytes:
         return bytes(resp.read())
 
 
-def run(rounds: int, duration: float, connections: int, threads: int) -> dict[str, Any]:
+def run(rounds: int, duration: float, connections: int, threads: int,
+        bare: bool = True) -> dict[str, Any]:
     info = machine()  # taken before the run: date and load average at its start
     with WorkDir("overhead") as work:
         db = work / "bench.db"
@@ -84,8 +87,10 @@ def run(rounds: int, duration: float, connections: int, threads: int) -> dict[st
         servers: dict[str, ServerProcess] = {
             "all_on": ballast_server(db, stdout=work / "all_on.log"),
             "all_off": ballast_server(db, plugins_on=False, stdout=work / "all_off.log"),
+            "metrics_off": ballast_server(db, stdout=work / "metrics_off.log",
+                                          extra_env={"BALLAST__PLUGINS__METRICS__ENABLED": "false"}),
         }
-        for mode in ("loop", "thread"):
+        for mode in ("loop", "thread") if bare else ():
             port = free_port()
             name = "bare" if mode == "loop" else "bare_thread"
             servers[name] = ServerProcess(
@@ -132,6 +137,18 @@ def run(rounds: int, duration: float, connections: int, threads: int) -> dict[st
         return median([row[a]["rps"] / row[b]["rps"] for row in per_round])
 
     errors = {name: sum(row[name]["errors"] for row in per_round) for name in names}
+    if not bare:  # --without-bare: only the ballast servers, compared with each other
+        return {
+            "benchmark": "overhead", "machine": info,
+            "method": {"request": f"GET {path}", "tool": "wrk", "threads": threads,
+                       "connections": connections, "duration_s": duration, "rounds": rounds},
+            "median_rps": {name: round(med(name, "rps"), 1) for name in names},
+            "median_cpu_us_per_request": {name: round(med(name, "cpu_us_per_request"), 1) for name in names},
+            "errors": errors,
+            "ratios": {"all_on_vs_all_off": round(ratio("all_on", "all_off"), 3),
+                       "all_on_vs_metrics_off": round(ratio("all_on", "metrics_off"), 3)},
+            "targets": {}, "rounds": per_round,
+        }
     on_off, on_bare = ratio("all_on", "all_off"), ratio("all_on", "bare")
     return {
         "benchmark": "overhead",
@@ -153,6 +170,7 @@ def run(rounds: int, duration: float, connections: int, threads: int) -> dict[st
             "all_on_vs_bare": round(on_bare, 3),
             "all_on_vs_bare_thread": round(ratio("all_on", "bare_thread"), 3),
             "all_off_vs_bare": round(ratio("all_off", "bare"), 3),
+            "all_on_vs_metrics_off": round(ratio("all_on", "metrics_off"), 3),
         },
         "targets": {
             "all_on_vs_all_off": {"target": f">= {TARGET_VS_OFF}", "measured": round(on_off, 3),
@@ -173,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
+    parser.add_argument("--without-bare", action="store_true",
+                        help="only the ballast servers (implies --no-write)")
     args = parser.parse_args(argv)
-    result = run(args.rounds, args.duration, args.connections, args.threads)
+    result = run(args.rounds, args.duration, args.connections, args.threads, bare=not args.without_bare)
+    if args.without_bare:
+        print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios")},
+                         indent=2))
+        return 0
     if not args.no_write:
         write_result("overhead", result)
     print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios", "targets")},

@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
     "logs": ("bench_logsummary.py", ["--rounds", "3"], ["--rounds", "1"], 1800),
     "auth": ("bench_auth.py", ["--rounds", "3", "--duration", "5"],
              ["--rounds", "1", "--duration", "3"], 600),
+    "scaleout": ("bench_scaleout.py", ["--rounds", "5", "--duration", "4"],
+                 ["--rounds", "1", "--duration", "3"], 1800),
 }
 
 

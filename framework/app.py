@@ -21,11 +21,21 @@ from ballast.config import Config
 from ballast.errors import BallastError
 from ballast.executor import BlockingExecutor, LoopDefaultExecutor
 from ballast.http_server import SERVER_NAME
-from ballast.keys import CONFIG, EXECUTOR, MAX_BODY, PLUGINS, REQUEST_ID, STATE, TELEMETRY, UPSTREAM
+from ballast.keys import (
+    CONFIG,
+    EXECUTOR,
+    LOG_FIELDS,
+    MAX_BODY,
+    PLUGINS,
+    REQUEST_ID,
+    STATE,
+    TELEMETRY,
+    UPSTREAM,
+)
 from ballast.middleware import Handler, MiddlewareSpec, ordered
 from ballast.plugin_manager import Plugins, load_plugins
 from ballast.problems import error_response, generic_response, problem_response
-from ballast.telemetry import Telemetry
+from ballast.telemetry import Counter, Histogram, Telemetry
 from ballast.upstream import build_upstream
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
@@ -50,6 +60,28 @@ def request_id_of(request: web.Request) -> str:
 def _route_of(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "(unmatched)"
+
+
+#: Methods counted under their own name; any other is counted as "OTHER" (bounded labels).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class _RequestMetrics:
+    """The request counter and latency histogram, taken once per app at build."""
+
+    __slots__ = ("duration", "requests", "telemetry")
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.requests: Counter = telemetry.counter("ballast_http_requests_total")
+        self.duration: Histogram = telemetry.histogram("ballast_http_request_duration_seconds")
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(method if method in _METHODS else "OTHER", route, str(status))
+        self.duration.observe(seconds, route)
+
+
+_REQUEST_METRICS = web.AppKey("ballast_request_metrics", _RequestMetrics)
 
 
 @web.middleware
@@ -88,8 +120,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return resp
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
-        blog.request_line(request.method, _route_of(request), request.path, status,
-                          blog.monotonic_ms(start), rid, **({} if sid is None else {"session_id": sid}))
+        seconds = time.perf_counter() - start
+        route = _route_of(request)
+        metrics = request.app[_REQUEST_METRICS]
+        if metrics.telemetry.exporter is not None:
+            metrics.record(request.method, route, status, seconds)
+        extra = request.get(LOG_FIELDS)  # e.g. the trace id, from the tracing plugin
+        blog.request_line(request.method, route, request.path, status, round(seconds * 1000, 3), rid,
+                          **({} if sid is None else {"session_id": sid}), **(extra or {}))
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
@@ -128,9 +166,12 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
     app[MAX_BODY] = max_body
     app[STATE] = {"ready": False, "draining": False}
     app[TELEMETRY] = telemetry
+    app[_REQUEST_METRICS] = _RequestMetrics(telemetry)
 
-    executor: BlockingExecutor = (hook.ballast_executor(config=config, telemetry=telemetry)
-                                 or LoopDefaultExecutor())
+    executor: BlockingExecutor | None = hook.ballast_executor(config=config, telemetry=telemetry)
+    if executor is None:
+        fallback = executor = LoopDefaultExecutor()
+        telemetry.gauge("ballast_executor_in_use").sample(lambda: fallback.in_flight)
     app[EXECUTOR] = executor
     app[UPSTREAM] = build_upstream(hook, config, telemetry)
 

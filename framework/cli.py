@@ -36,7 +36,7 @@ def _load(path: str | None) -> tuple[Config, Plugins]:
 # ------------------------------------------------------------------------------ serve
 
 
-async def _serve(config: Config, plugins: Plugins) -> None:
+async def _serve(config: Config, plugins: Plugins, *, worker: int | None = None) -> None:
     from aiohttp import web
 
     from ballast.app import build_app
@@ -44,12 +44,17 @@ async def _serve(config: Config, plugins: Plugins) -> None:
     from ballast.keys import STATE
 
     server = config.settings.server
+    if worker is not None:
+        # Every line of a `--workers N` worker says which one wrote it.
+        blog.bind_process_fields(worker=worker)
     app = build_app(config, plugins)
     runner = BallastAppRunner(app, access_log=None, handle_signals=False,
                               shutdown_timeout=server.shutdown_timeout_s,
                               header_timeout_s=server.header_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+    # A worker of `--workers N` shares its port with its siblings (SO_REUSEPORT).
+    site = web.TCPSite(runner, server.host, server.port, reuse_address=True,
+                       reuse_port=True if worker is not None else None)
     await site.start()
     log = blog.get_logger("ballast.server")
     bound = runner.addresses[0] if runner.addresses else (server.host, server.port)
@@ -83,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.settings.server.host = args.host
         if args.port is not None:
             config.settings.server.port = args.port
+        if args.workers is not None:
+            config.settings.server.workers = args.workers
         blog.configure(config.settings.logging.format, config.settings.logging.level)
         plugins = load_plugins(config)
     except (ConfigError, PluginError) as exc:
@@ -92,10 +99,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refusal = exposure_refusal(config, plugins)
     if refusal is not None:
         return _fail(refusal)
+    server = config.settings.server
+    if server.workers > 1 and args.worker_index is None:
+        from ballast.workers import supervise
+
+        try:
+            return supervise(args.config, server.host, server.port, server.workers,
+                             server.shutdown_timeout_s)
+        except OSError as exc:
+            return _fail(f"server: cannot listen on {server.host}:{server.port}: "
+                         f"{exc.strerror or type(exc).__name__}", 1)
     try:
-        asyncio.run(_serve(config, plugins))
+        asyncio.run(_serve(config, plugins, worker=args.worker_index))
     except OSError as exc:  # the address is taken or not ours to bind
-        server = config.settings.server
         return _fail(f"server: cannot listen on {server.host}:{server.port}: "
                      f"{exc.strerror or type(exc).__name__}", 1)
     return 0
@@ -172,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: config/default.toml)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="server processes sharing the port (default: server.workers)")
+    # Set by the supervisor of --workers N on each worker it starts.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     plugins = sub.add_parser("plugins", help="list plugins, their state and settings")

@@ -40,13 +40,41 @@ class ServerSettings(_Section):
     allow_unauthenticated: bool = False
     #: A connection that has not sent a complete request head within this is closed.
     header_timeout_s: float = Field(10.0, gt=0, le=600)
+    #: Server processes sharing the port (SO_REUSEPORT); 1 runs in this process.
+    workers: int = Field(1, ge=1, le=64)
 
 
 class StorageSettings(_Section):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/ballast.db"
     durability: Literal["full", "normal"] = "full"
+    #: PostgreSQL: the URL itself, or the name of an environment variable holding it
+    #: (so no password sits in a file). Exactly one is needed with backend "postgres".
+    url: str = ""
+    url_env: str = ""
+    #: PostgreSQL connections per server process.
+    pool_size: int = Field(10, ge=1, le=200)
+    #: How long a finalize job's lease lasts without a renewal before another server
+    #: process may take the job over.
     job_lease_s: float = Field(15.0, ge=0.5, le=600)
+
+    @model_validator(mode="after")
+    def _postgres_needs_url(self) -> StorageSettings:
+        if self.backend == "postgres" and not (self.url or self.url_env):
+            raise ValueError("url or url_env is required when backend is 'postgres'")
+        if self.url and self.url_env:
+            raise ValueError("set url or url_env, not both")
+        return self
+
+    def postgres_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """The PostgreSQL URL, read from ``url_env`` at the time of the call if named."""
+        if self.url:
+            return self.url
+        env = os.environ if environ is None else environ
+        value = env.get(self.url_env, "")
+        if not value:
+            raise ConfigError(f"storage.url_env: environment variable {self.url_env} is not set")
+        return value
 
 
 class SessionSettings(_Section):

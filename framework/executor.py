@@ -31,12 +31,23 @@ class BlockingExecutor(Protocol):
 
 
 class LoopDefaultExecutor:
-    """No bound of its own: hands work to the event loop's default thread pool."""
+    """No bound of its own: hands work to the event loop's default thread pool.
+
+    ``in_flight`` counts work handed over and not yet done (busy or waiting for one of
+    the pool's threads, which this class cannot tell apart), for the metrics.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(ctx.run, fn, *args))
+        self.in_flight += 1
+        try:
+            return await loop.run_in_executor(None, functools.partial(ctx.run, fn, *args))
+        finally:
+            self.in_flight -= 1
 
     def shutdown(self) -> None:
         return None

@@ -28,6 +28,9 @@ REQUEST_ID = web.RequestKey("ballast_request_id", str)
 #: Request-scoped: the caller's tenant, set by an authentication plugin (absent: the
 #: default tenant). Read it with :func:`tenant_of`.
 TENANT = web.RequestKey("ballast_tenant", str)
+#: Request-scoped: extra fields for the canonical ``http.request`` line, set by a plugin
+#: (the tracing plugin puts ``trace_id`` and ``span_id`` here).
+LOG_FIELDS = web.RequestKey("ballast_log_fields", dict[str, str])
 
 
 def tenant_of(request: web.Request) -> str:

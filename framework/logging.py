@@ -110,6 +110,16 @@ def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name) if name else structlog.get_logger()
 
 
+#: Fields every canonical request line of this process carries (a worker's index).
+_process_fields: dict[str, Any] = {}
+
+
+def bind_process_fields(**fields: Any) -> None:
+    """Add ``fields`` to every log line this process writes from now on."""
+    _process_fields.update(fields)
+    structlog.contextvars.bind_contextvars(**fields)
+
+
 def request_line(method: str, route: str, path: str, status: int, duration_ms: float,
                  request_id: str, **extra: Any) -> None:
     """Emit the canonical ``http.request`` line (the fast path in JSON mode)."""
@@ -126,6 +136,8 @@ def request_line(method: str, route: str, path: str, status: int, duration_ms: f
     }
     if extra:
         line.update(extra)
+    if _process_fields:
+        line.update(_process_fields)
     if _secrets or "bk_" in path:
         line = _scrub(line)
     sys.stdout.buffer.write(orjson.dumps(line) + b"\n")
@@ -136,4 +148,5 @@ def monotonic_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-__all__ = ["configure", "get_logger", "monotonic_ms", "redact", "register_secret", "request_line"]
+__all__ = ["bind_process_fields", "configure", "get_logger", "monotonic_ms", "redact",
+           "register_secret", "request_line"]

@@ -36,6 +36,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("circuit_breaker", "ballast.plugins.circuit_breaker"),
     ("fallback", "ballast.plugins.fallback"),
     ("auth", "ballast.plugins.auth"),
+    ("metrics", "ballast.plugins.metrics"),
+    ("tracing", "ballast.plugins.tracing"),
 )
 
 

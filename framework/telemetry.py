@@ -10,6 +10,11 @@ and calls it on the hot path. Recording goes to whatever exporter is attached (t
 ``metrics`` plugin attaches a Prometheus one); with none attached, a call is one
 attribute read and a comparison, so recording costs nothing worth measuring.
 
+Spans work the same way: code that does a unit of work worth following (a finalize
+stage) wraps it in ``with telemetry.span(f"finalize {name}", stage=name):``; the
+``tracing`` plugin attaches a :class:`Tracer` that makes it an OpenTelemetry span, and
+with none attached the ``with`` costs one attribute read.
+
 The catalogue (:data:`METRICS`) is the single list of metric names, types, labels and
 help texts: the exporter declares from it, docs and dashboards are checked against it.
 Labels are low-cardinality by contract: route templates, upstream names, outcomes and
@@ -22,7 +27,8 @@ client's problem.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -119,6 +125,19 @@ class Exporter(Protocol):
         ...
 
 
+class Tracer(Protocol):
+    """What a tracer (the ``tracing`` plugin) implements: a span around a block of work.
+
+    The span is current inside the block (work started there is its child) and ends
+    with it; an exception leaving the block marks it failed (by type, never its text).
+    """
+
+    def span(self, name: str, attributes: Mapping[str, str | int]) -> AbstractContextManager[object]: ...
+
+
+_NO_SPAN: AbstractContextManager[object] = nullcontext()
+
+
 class _Instrument:
     __slots__ = ("_hub", "spec")
 
@@ -166,6 +185,7 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.exporter: Exporter | None = None
+        self.tracer: Tracer | None = None
         self._samplers: list[tuple[MetricSpec, tuple[str, ...], Callable[[], float]]] = []
 
     def _spec(self, name: str, type_: MetricType) -> MetricSpec:
@@ -185,6 +205,17 @@ class Telemetry:
     def histogram(self, name: str) -> Histogram:
         return Histogram(self, self._spec(name, "histogram"))
 
+    def span(self, name: str, **attributes: str | int) -> AbstractContextManager[object]:
+        """A span around a ``with`` block; a shared no-op without a tracer attached."""
+        tracer = self.tracer
+        if tracer is None:
+            return _NO_SPAN
+        return tracer.span(name, attributes)
+
+    def attach_tracer(self, tracer: Tracer) -> None:
+        """Start making spans (the ``tracing`` plugin calls this at app build)."""
+        self.tracer = tracer
+
     def attach(self, exporter: Exporter) -> None:
         """Start exporting; sampled gauges registered so far are handed over."""
         self.exporter = exporter
@@ -192,4 +223,5 @@ class Telemetry:
             exporter.sample(spec, labels, read)
 
 
-__all__ = ["METRICS", "Counter", "Exporter", "Gauge", "Histogram", "MetricSpec", "Reason", "Telemetry"]
+__all__ = ["METRICS", "Counter", "Exporter", "Gauge", "Histogram", "MetricSpec", "Reason", "Telemetry",
+           "Tracer"]

@@ -26,6 +26,7 @@ from ballast.config import Config, PluginSection
 from ballast.errors import Overloaded
 from ballast.hookspecs import hookimpl
 from ballast.logging import get_logger
+from ballast.telemetry import Counter, Telemetry
 
 T = TypeVar("T")
 log = get_logger("ballast.bulkhead")
@@ -40,7 +41,8 @@ class Settings(PluginSection):
 class BoundedExecutor:
     """``max_workers`` threads plus a wait queue of ``max_queue``; beyond: Overloaded."""
 
-    def __init__(self, *, max_workers: int, max_queue: int, retry_after_s: int = 1) -> None:
+    def __init__(self, *, max_workers: int, max_queue: int, retry_after_s: int = 1,
+                 telemetry: Telemetry | None = None) -> None:
         if max_workers < 1 or max_queue < 0:
             raise ValueError("max_workers must be >= 1 and max_queue >= 0")
         self.max_workers = max_workers
@@ -49,11 +51,25 @@ class BoundedExecutor:
         self.in_flight = 0
         self.rejected = 0
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ballast-blocking")
+        tel = telemetry or Telemetry()
+        self._rejected_total: Counter = tel.counter("ballast_executor_rejected_total")
+        # Read at scrape time: the counts live here, not in the exporter.
+        tel.gauge("ballast_executor_in_use").sample(self.in_use)
+        tel.gauge("ballast_executor_queued").sample(self.queued)
+
+    def in_use(self) -> float:
+        """Threads busy with blocking work now."""
+        return min(self.in_flight, self.max_workers)
+
+    def queued(self) -> float:
+        """Callers waiting for a thread now."""
+        return max(self.in_flight - self.max_workers, 0)
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         # Only the event loop thread touches in_flight, so no lock is needed.
         if self.in_flight >= self.max_workers + self.max_queue:
             self.rejected += 1
+            self._rejected_total.inc()
             log.warning("bulkhead.rejected", in_flight=self.in_flight, max_workers=self.max_workers,
                         max_queue=self.max_queue)
             raise Overloaded(self.retry_after_s, internal="bulkhead full")
@@ -90,7 +106,7 @@ def ballast_settings_model() -> type[PluginSection]:
 
 
 @hookimpl
-def ballast_executor(config: Config) -> BoundedExecutor:
+def ballast_executor(config: Config, telemetry: Telemetry) -> BoundedExecutor:
     s: Settings = config.plugin("bulkhead")
     return BoundedExecutor(max_workers=s.max_workers, max_queue=s.max_queue,
-                           retry_after_s=s.retry_after_s)
+                           retry_after_s=s.retry_after_s, telemetry=telemetry)

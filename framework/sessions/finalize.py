@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Final, TypeVar
 
 from ballast import budget
@@ -34,6 +35,7 @@ from ballast.errors import BallastError, BudgetExceeded, Overloaded, UpstreamErr
 from ballast.jobs import JobContext, JobRun, StageWrapper
 from ballast.logging import get_logger
 from ballast.sessions.store import Lease, LeaseLost, Store
+from ballast.telemetry import Telemetry
 
 STAGES: Final = ("freeze", "drain", "replay", "reconcile", "stats", "events", "report", "persist")
 
@@ -89,7 +91,10 @@ class FinalizeRunner:
     """Runs one leased job to an end state that the store has durably taken."""
 
     def __init__(self, stages: dict[str, StageFn], store: Store, wrappers: list[StageWrapper],
-                 *, lease_s: float) -> None:
+                 *, lease_s: float, telemetry: Telemetry | None = None) -> None:
+        tel = self._telemetry = telemetry or Telemetry()
+        self._jobs_total = tel.counter("ballast_finalize_jobs_total")
+        self._stage_seconds = tel.histogram("ballast_finalize_stage_duration_seconds")
         self._stages = stages
         self._store = store
         self._lease_s = lease_s
@@ -107,8 +112,10 @@ class FinalizeRunner:
                                    name=f"finalize-lease:{job.session_id}")
         try:
             try:
-                await self._outcome(job, lease)
-                await self._end(job, lease)
+                with self._telemetry.span("finalize", session_id=job.session_id, job_attempt=job.attempt):
+                    await self._outcome(job, lease)
+                    with self._persist_span(job):
+                        await self._end(job, lease)
             except LeaseLost:
                 lost.append(True)
             except asyncio.CancelledError:
@@ -136,13 +143,16 @@ class FinalizeRunner:
             t0 = time.perf_counter()
             scope = budget.deadline_scope(job.deadline) if job.deadline else None
             try:
-                if scope is None:
-                    await self._stages[name](job)
-                else:
-                    with scope:
+                with self._telemetry.span(f"finalize {name}", stage=name):
+                    if scope is None:
                         await self._stages[name](job)
+                    else:
+                        with scope:
+                            await self._stages[name](job)
             finally:
-                info["duration_ms"] = int((time.perf_counter() - t0) * 1000)
+                seconds = time.perf_counter() - t0
+                info["duration_ms"] = int(seconds * 1000)
+                self._stage_seconds.observe(seconds, name)
             info["state"] = "succeeded"
             log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt, stage=name,
                      state="succeeded", duration_ms=info["duration_ms"])
@@ -215,15 +225,24 @@ class FinalizeRunner:
                             error_type=type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, END_RETRY_MAX_S)
+        self._jobs_total.inc(job.state)
         if job.state == "succeeded":
             persist["state"] = "succeeded"
-            persist["duration_ms"] = int((time.perf_counter() - t0) * 1000)
+            seconds = time.perf_counter() - t0
+            persist["duration_ms"] = int(seconds * 1000)
+            self._stage_seconds.observe(seconds, persist["name"])
             log.info("finalize.stage", session_id=job.session_id, attempt=job.attempt,
                      stage=persist["name"], state="succeeded", duration_ms=persist["duration_ms"])
         job.data.clear()
         job.done = True
         log.info("finalize.completed", session_id=job.session_id, attempt=job.attempt,
                  state=job.state, elapsed_ms=job.elapsed_ms)
+
+    def _persist_span(self, job: JobContext) -> AbstractContextManager[object]:
+        """The span of the persist stage: the END transition of a job that succeeded."""
+        if job.state != "succeeded":
+            return nullcontext()
+        return self._telemetry.span("finalize persist", stage="persist")
 
     async def _ended_by_us(self, job: JobContext, lease: Lease) -> bool:
         """After LeaseLost on END: did an earlier try of ours commit (its answer was lost)?"""

@@ -31,6 +31,7 @@ from typing import Any, Final, Generic, TypeVar
 import structlog
 
 from ballast.errors import BallastError, ClientError, StoreError
+from ballast.sessions.commit_metrics import CommitMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -114,8 +115,10 @@ FailureHook = Callable[[str, list[dict[str, Any]], BaseException], None]
 class WriteQueue(Generic[C]):
     """The queue in front of one writer, and everything callers need around it."""
 
-    def __init__(self, on_failure: FailureHook | None = None) -> None:
+    def __init__(self, on_failure: FailureHook | None = None,
+                 metrics: CommitMetrics | None = None) -> None:
         self.on_failure = on_failure
+        self.metrics = metrics or CommitMetrics()
         self.stats = WriterStats()
         self.failure: str | None = None
         self.closed = False
@@ -266,6 +269,7 @@ class WriteQueue(Generic[C]):
                                             request.mutations, error)
             if not future.done():
                 future.set_exception(exc)
+        self.metrics.committed(o.result for o in outcomes if o.error is None)
         for key in drained:
             for waiter in self._drain_waiters.pop(key, []):
                 if not waiter.done():

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,12 +23,11 @@ from ballast.keys import CONFIG, EXECUTOR, PLUGINS, STATE, TELEMETRY, UPSTREAM, 
 from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
+from ballast.sessions.backends import make_store
 from ballast.sessions.builtin import BuiltinProvider
 from ballast.sessions.inference import DEGRADED_HEADER, InferenceProvider, wrap_provider
 from ballast.sessions.patience import run_blocking_for
 from ballast.sessions.service import SessionService
-from ballast.sessions.sqlite_store import SQLiteStore
-from ballast.sessions.store import SessionLimits
 
 SERVICE = web.AppKey("ballast_sessions", SessionService)
 _SESSION_ID = re.compile(m.SESSION_ID_PATTERN)
@@ -190,11 +188,7 @@ def _failure_hook(app: web.Application) -> Any:
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     storage = config.settings.storage
-    limits = config.settings.sessions
-    store = SQLiteStore(Path(storage.path), durability=storage.durability,
-                        on_failure=_failure_hook(app),
-                        limits=SessionLimits(limits.max_participants, limits.max_speaker_labels,
-                                             limits.max_mutations))
+    store = make_store(config, _failure_hook(app), telemetry=app[TELEMETRY])
     await store.open()
     # Readiness reports a store whose writer has died.
     app[STATE].setdefault("checks", []).append(
@@ -206,7 +200,8 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     # Registration order, first outermost (pluggy returns the last registered first).
     groups = app[PLUGINS].hook.ballast_finalize_wrappers(config=config, telemetry=app[TELEMETRY])
     wrappers = [w for group in reversed(groups) for w in group]
-    service = SessionService(store, app[EXECUTOR], provider, wrappers, lease_s=storage.job_lease_s)
+    service = SessionService(store, app[EXECUTOR], provider, wrappers, lease_s=storage.job_lease_s,
+                             telemetry=app[TELEMETRY])
     app[SERVICE] = service
     await service.start()
     try:

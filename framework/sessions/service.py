@@ -39,6 +39,7 @@ from ballast.sessions.people import names_by_label
 from ballast.sessions.store import Lease, SessionRecord, Store, session_not_found
 from ballast.sessions.transcript import StoredTranscript
 from ballast.sessions.waiters import JobWaiters, wait_for
+from ballast.telemetry import Telemetry
 
 T = TypeVar("T")
 log = get_logger("ballast.sessions")
@@ -57,7 +58,7 @@ def process_owner() -> str:
 class SessionService:
     def __init__(self, store: Store, executor: BlockingExecutor, provider: InferenceProvider,
                  finalize_wrappers: list[StageWrapper], *, lease_s: float = 15.0,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, telemetry: Telemetry | None = None) -> None:
         self.store = store
         self.executor = executor
         self.provider = provider
@@ -71,7 +72,7 @@ class SessionService:
             {"freeze": self._freeze, "drain": self._drain, "replay": self._replay,
              "reconcile": self._reconcile, "stats": self._stats, "events": self._events,
              "report": self._report},
-            store, finalize_wrappers, lease_s=lease_s)
+            store, finalize_wrappers, lease_s=lease_s, telemetry=telemetry)
 
     # ---------------------------------------------------------------- lifecycle
 

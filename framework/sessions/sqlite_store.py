@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from ballast.errors import StoreError
 from ballast.sessions import sqlite_ops as ops
+from ballast.sessions.commit_metrics import CommitMetrics
 from ballast.sessions.groupcommit import Outcome, ReadPool, Request, WriteQueue, WriterStats
 from ballast.sessions.jobrecord import END_STATES
 from ballast.sessions.sqlite_schema import migrate
@@ -40,6 +41,7 @@ from ballast.sessions.store import (
     SessionLimits,
     SessionRecord,
 )
+from ballast.telemetry import Telemetry
 
 __all__ = ["SQLiteStore", "WriterStats"]
 
@@ -77,6 +79,7 @@ class SQLiteStore:
         read_workers: int = 2,
         limits: SessionLimits | None = None,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
@@ -87,7 +90,7 @@ class SQLiteStore:
         self.limits = limits or SessionLimits()
         self.busy_timeout_ms = busy_timeout_ms
         self._read_workers = read_workers
-        self._writes: WriteQueue[Conn] = WriteQueue(on_failure)
+        self._writes: WriteQueue[Conn] = WriteQueue(on_failure, CommitMetrics(telemetry))
         self._readers: ReadPool[Conn] | None = None
         self._opened = False
 

@@ -36,8 +36,8 @@ LEVEL_OF = {"debug": "debug", "info": "info", "msg": "info", "warning": "warning
             "error": "error", "exception": "error", "critical": "critical", "fatal": "critical"}
 LOGGER_FACTORIES = {"get_logger", "getLogger"}
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
-COMMON_FIELDS = {"timestamp", "level", "event", "request_id", "session_id"}
-CONTEXT_FIELDS = {"request_id", "session_id"}
+COMMON_FIELDS = {"timestamp", "level", "event", "request_id", "session_id", "trace_id", "span_id"}
+CONTEXT_FIELDS = {"request_id", "session_id", "trace_id", "span_id"}
 REQUEST_LINE = "request_line"
 REQUEST_EVENT = "http.request"
 

@@ -27,7 +27,7 @@ def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, di
     return {row["name"]: row for row in json.loads(result.stdout)}
 
 
-def test_plugins_json_lists_the_six_builtins_enabled_with_settings() -> None:
+def test_plugins_json_lists_every_builtin_in_its_default_state_with_settings() -> None:
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
     assert len(BUILTINS) >= 6 and not ON_BY_DEFAULT["fallback"] and not ON_BY_DEFAULT["auth"]

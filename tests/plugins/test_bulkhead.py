@@ -159,7 +159,7 @@ async def test_hook_ballast_executor(tmp_path: Path) -> None:
     try:
         assert isinstance(executor, BoundedExecutor)
         assert (executor.max_workers, executor.max_queue, executor.retry_after_s) == (3, 5, 2)
-        assert isinstance(bulkhead.ballast_executor(config=config), BoundedExecutor)
+        assert isinstance(bulkhead.ballast_executor(config=config, telemetry=Telemetry()), BoundedExecutor)
         assert isinstance(build_app(config, plugins)[EXECUTOR], BoundedExecutor)
     finally:
         executor.shutdown()

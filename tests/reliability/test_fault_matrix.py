@@ -86,11 +86,13 @@ class Rig:
     client: Client
 
 
-@pytest.fixture(scope="module", params=["open", "auth"])
+@pytest.fixture(scope="module", params=["open", "auth", "workers2"])
 def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    """The server under test; ``auth``: the same with the auth plugin on and a created key."""
+    """The server under test: ``open``; ``auth``: the auth plugin on and a created key;
+    ``workers2``: ``ballast serve --workers 2`` (two processes on one port and one SQLite file)."""
     work = tmp_path_factory.mktemp(f"fault-matrix-{request.param}")
     auth_config, headers = auth_on(work) if request.param == "auth" else ("", {})
+    workers = 2 if request.param == "workers2" else 1
     with FakeUpstreamProcess() as fake:
         # The matrix plays one fault after another against one server and counts the
         # attempts of each call on its own: the protections that remember across calls
@@ -100,7 +102,8 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         server = ServerProcess(work, config=openai_config(
                                    fake.base_url, extra="[plugins.circuit_breaker]\nenabled = false\n")
                                + auth_config,
-                               env={API_KEY_ENV: SECRET_API_KEY, "BALLAST__PLUGINS__RETRY__BUDGET": "false"})
+                               env={API_KEY_ENV: SECRET_API_KEY, "BALLAST__PLUGINS__RETRY__BUDGET": "false",
+                                    "BALLAST__SERVER__WORKERS": str(workers)})
         with server:
             yield Rig(fake, server, Client(server.base_url, headers=headers))
         # After the server stopped: the whole log, every line it ever wrote.

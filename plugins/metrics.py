@@ -1,0 +1,206 @@
+"""metrics: what every plugin records, as Prometheus text at ``GET /metrics``.
+
+Plugins and the core record through :mod:`ballast.telemetry` (one catalogue, one
+recording API); this plugin is the exporter behind it. It declares every metric of the
+catalogue (:data:`ballast.telemetry.METRICS`) with the official ``prometheus-client``
+in a registry of the app's own, attaches itself to ``app[TELEMETRY]`` and serves the
+registry in the text format (``text/plain; version=0.0.4``).
+
+Why an exporter object rather than prometheus-client calls all over the code: the
+catalogue stays the one list of names (docs, dashboard and alert rules are checked
+against it), disabling the plugin makes recording free, and the per-call path is one
+dict lookup for a cached label child plus prometheus-client's own ``inc``/``observe``.
+
+**Several worker processes.** With ``PROMETHEUS_MULTIPROC_DIR`` set (``ballast serve
+--workers N`` sets it and empties the directory on start), values live in memory-mapped
+files there, one set per process, and a scrape of any process merges all of them
+(prometheus-client's multiprocess mode). Counters and histograms add up. A gauge says
+how its values combine (:data:`GAUGE_MODES`): quantities such as busy threads are
+summed over live processes, states such as a circuit are the worst (highest) one.
+Gauges whose value lives elsewhere (the executor's busy threads) are read at scrape time
+in one process; in multiprocess mode each process copies them into its file every
+``sample_interval_s`` and just before it answers a scrape.
+
+Disabled: nothing is exported and ``/metrics`` does not exist; recording costs one
+attribute read per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+from prometheus_client import values as prometheus_values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from pydantic import Field
+
+from ballast.config import Config, PluginSection
+from ballast.hookspecs import hookimpl
+from ballast.keys import TELEMETRY
+from ballast.telemetry import METRICS, MetricSpec
+
+#: The exposition format the contract names (prometheus-client's 0.0.4 text format).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+#: The environment variable that switches prometheus-client to multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: How a gauge's per-process values combine in multiprocess mode; others: "livesum".
+GAUGE_MODES: dict[str, str] = {
+    "ballast_circuit_state": "livemax",  # the worst state any live process sees
+}
+
+# ``*_created`` series double the output and nothing here graphs them.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+#: Where the metrics are served: fixed, because admission control never sheds it and
+#: the auth plugin guards it by this path.
+PATH = "/metrics"
+
+
+class Settings(PluginSection):
+    sample_interval_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="multiprocess mode: how often sampled gauges are copied to the shared files")
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in force, or None in single-process mode."""
+    path = os.environ.get(MULTIPROC_ENV)
+    return path or None
+
+
+class PrometheusExporter:
+    """A :class:`ballast.telemetry.Exporter` over prometheus-client, one per app."""
+
+    def __init__(self, *, multiproc_dir: str | None = None) -> None:
+        self.multiproc_dir = multiproc_dir
+        if multiproc_dir is not None:
+            # prometheus-client's values find their files through the environment.
+            named = os.environ.setdefault(MULTIPROC_ENV, multiproc_dir)
+            if named != multiproc_dir:
+                raise ValueError(f"{MULTIPROC_ENV} names {named}, not {multiproc_dir}")
+            os.makedirs(multiproc_dir, exist_ok=True)
+        if multiproc_dir is not None and not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+            # prometheus-client picks its value class when first imported; the directory
+            # may have been set after that (``ballast serve`` sets it before the workers
+            # build their apps), so pick again.
+            prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+        #: Declares the metrics; in single-process mode it is also what a scrape reads.
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, Any] = {name: self._declare(spec) for name, spec in METRICS.items()}
+        self._children: dict[str, dict[tuple[str, ...], Any]] = {name: {} for name in METRICS}
+        self._samplers: list[tuple[Any, Callable[[], float]]] = []
+
+    def _declare(self, spec: MetricSpec) -> Any:
+        # In multiprocess mode the declared metrics are not registered anywhere: a scrape
+        # reads the files of every process instead (see scrape()).
+        registry = None if self.multiproc_dir else self.registry
+        kw: dict[str, Any] = {"labelnames": spec.labels, "registry": registry}
+        if spec.type == "counter":
+            return prometheus_client.Counter(spec.name, spec.help, **kw)
+        if spec.type == "histogram":
+            return prometheus_client.Histogram(spec.name, spec.help, buckets=spec.buckets, **kw)
+        return prometheus_client.Gauge(spec.name, spec.help,
+                                       multiprocess_mode=GAUGE_MODES.get(spec.name, "livesum"),  # type: ignore[arg-type]
+                                       **kw)
+
+    def _child(self, spec: MetricSpec, labels: tuple[str, ...]) -> Any:
+        children = self._children[spec.name]
+        child = children.get(labels)
+        if child is None:
+            metric = self._metrics[spec.name]
+            child = metric.labels(*labels) if spec.labels else metric
+            children[labels] = child
+        return child
+
+    # -- the Exporter protocol: the per-call path --------------------------------------
+
+    def inc(self, spec: MetricSpec, labels: tuple[str, ...], amount: float) -> None:
+        self._child(spec, labels).inc(amount)
+
+    def observe(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
+        self._child(spec, labels).observe(value)
+
+    def set(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
+        self._child(spec, labels).set(value)
+
+    def sample(self, spec: MetricSpec, labels: tuple[str, ...], read: Callable[[], float]) -> None:
+        child = self._child(spec, labels)
+        if self.multiproc_dir is None:
+            child.set_function(read)
+        else:
+            self._samplers.append((child, read))
+            child.set(read())
+
+    # -- scraping -----------------------------------------------------------------------
+
+    def refresh_samples(self) -> None:
+        """Multiprocess mode: copy sampled gauges into this process's file."""
+        for child, read in self._samplers:
+            child.set(read())
+
+    def scrape(self) -> bytes:
+        """The text format of every metric (of every process, in multiprocess mode)."""
+        if self.multiproc_dir is None:
+            return generate_latest(self.registry)
+        self.refresh_samples()
+        merged = prometheus_client.CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def metrics_handler(exporter: PrometheusExporter) -> Callable[[web.Request], Any]:
+    async def handle(request: web.Request) -> web.Response:
+        # Merging files of many processes reads the disk: keep it off the event loop then.
+        if exporter.multiproc_dir is None:
+            body = exporter.scrape()
+        else:
+            body = await asyncio.to_thread(exporter.scrape)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    return handle
+
+
+@hookimpl
+def ballast_settings_model() -> type[PluginSection]:
+    return Settings
+
+
+@hookimpl
+def ballast_app_built(app: web.Application,
+                      config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    s: Settings = config.plugin("metrics")
+    exporter = PrometheusExporter(multiproc_dir=multiprocess_dir())
+    app[TELEMETRY].attach(exporter)
+    app[EXPORTER] = exporter
+    app.router.add_get(PATH, metrics_handler(exporter), allow_head=False)
+
+    async def sampler(app: web.Application) -> AsyncIterator[None]:
+        task = None
+        if exporter.multiproc_dir is not None:
+            task = asyncio.create_task(_refresh_forever(exporter, s.sample_interval_s),
+                                       name="metrics:samples")
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return sampler
+
+
+async def _refresh_forever(exporter: PrometheusExporter, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        exporter.refresh_samples()
+
+
+#: The app's exporter (tests and tools read the registry through it).
+EXPORTER = web.AppKey("ballast_metrics_exporter", PrometheusExporter)
