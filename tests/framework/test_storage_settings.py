@@ -54,5 +54,5 @@ def test_config_show_never_prints_the_password_of_the_url(tmp_path: Path) -> Non
                                            'url = "postgresql://ballast:s3cret@db:5432/prod"\n'),
                            environ={})
     shown = config.as_dict(redact=True)["storage"]["url"]
-    assert shown == "postgresql://ballast:***@db:5432/prod"
+    assert shown == "postgresql://***@db:5432/prod"
     assert "s3cret" not in str(config.as_dict(redact=True))
