@@ -16,7 +16,7 @@ import orjson
 
 from ballast import logging as blog
 from ballast.config import Config, load_settings
-from ballast.errors import ConfigError, PluginError
+from ballast.errors import ConfigError, PluginError, StoreError
 from ballast.plugin_manager import Plugins, load_plugins
 
 EXIT_CONFIG = 2
@@ -102,7 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              server.shutdown_timeout_s)
         except OSError as exc:
             return _fail(f"server: cannot bind {server.host}:{server.port} ({exc.strerror})", 1)
-    asyncio.run(_serve(config, plugins, worker=args.worker_index))
+    try:
+        asyncio.run(_serve(config, plugins, worker=args.worker_index))
+    except StoreError as exc:  # the database cannot be opened: say why, without a traceback
+        return _fail(f"storage: {exc.internal}", 1)
     return 0
 
 
