@@ -131,18 +131,22 @@ _SELECT_EXISTING: Final = (
     " SELECT 2, sp.sid, sp.label, 0 FROM speakers sp"
     " JOIN unnest($5::bigint[], $6::text[]) AS k(sid, key) ON sp.sid = k.sid AND sp.label = k.key")
 _WRITE_BATCH: Final = (
+    # A repeated id is skipped (not an error) so that the count of inserted rows can
+    # say a batch was numbered on a wrong guess; the primary key still fails loudly.
     "WITH m AS (INSERT INTO mutations (sid, seq, mutation_id, type, payload)"
-    "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])),"
+    "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
+    "  ON CONFLICT (sid, mutation_id) WHERE mutation_id IS NOT NULL DO NOTHING RETURNING 1),"
     " p AS (INSERT INTO participants (sid, pos, name)"
     "  SELECT * FROM unnest($6::bigint[], $7::int[], $8::text[])),"
     " k AS (INSERT INTO speakers (sid, label, name)"
     "  SELECT * FROM unnest($9::bigint[], $10::text[], $11::text[])"
-    "  ON CONFLICT (sid, label) DO UPDATE SET name = coalesce(excluded.name, speakers.name))"
-    " UPDATE sessions s SET mutation_count = v.mc, last_seq = v.ls, participant_count = v.pc,"
+    "  ON CONFLICT (sid, label) DO UPDATE SET name = coalesce(excluded.name, speakers.name)),"
+    " u AS (UPDATE sessions s SET mutation_count = v.mc, last_seq = v.ls, participant_count = v.pc,"
     "  label_count = v.lc"
     " FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::int[])"
     "  AS v(sid, mc, ls, pc, lc)"
-    " WHERE s.sid = v.sid")
+    " WHERE s.sid = v.sid)"
+    " SELECT count(*) FROM m")
 
 
 async def _nothing_to_reset(conn: Any) -> None:
@@ -209,6 +213,10 @@ def _rolled_back(exc: BaseException) -> bool:
     if not isinstance(exc, asyncpg.PostgresError):
         return False  # no answer: a lost connection, a timeout
     return str(getattr(exc, "sqlstate", ""))[:2] not in _UNKNOWN_OUTCOME_CLASSES
+
+
+class _IdsAlreadyStored(Exception):
+    """The optimistic numbering met an id that is already stored: look ids up, again."""
 
 
 class _CommitUnknown(Exception):
@@ -556,12 +564,22 @@ class PostgresStore:
 
     async def _transaction(self, group: list[_Append], *, skip_locked: bool
                            ) -> tuple[list[_Outcome], list[_Append]]:
+        """Numbered first on the guess that every id is new, as repeats are rare (a
+        client retrying); if the insert finds one already stored, the transaction is
+        rolled back and run again with the batch's stored ids looked up first."""
+        try:
+            return await self._attempt(group, skip_locked, lookup_ids=False)
+        except _IdsAlreadyStored:
+            return await self._attempt(group, skip_locked, lookup_ids=True)
+
+    async def _attempt(self, group: list[_Append], skip_locked: bool, *, lookup_ids: bool
+                       ) -> tuple[list[_Outcome], list[_Append]]:
         keys = list(dict.fromkeys(a.key for a in group))
         async with self._require_pool().acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                results, deferred = await self._write(conn, group, keys, skip_locked)
+                results, deferred = await self._write(conn, group, keys, skip_locked, lookup_ids)
             except BaseException:
                 try:
                     await transaction.rollback()
@@ -577,7 +595,7 @@ class PostgresStore:
         return results, deferred  # committed
 
     async def _write(self, conn: Any, group: list[_Append], keys: list[tuple[str, str]],
-                     skip_locked: bool) -> tuple[list[_Outcome], list[_Append]]:
+                     skip_locked: bool, lookup_ids: bool) -> tuple[list[_Outcome], list[_Append]]:
         """Inside the append transaction: lock, read, number and write the group."""
         tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
         deferred: list[_Append] = []
@@ -592,7 +610,7 @@ class PostgresStore:
                 _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
             deferred = [item for item in group if item.key in held]
             group = [item for item in group if item.key not in held]
-        await self._load_existing(conn, group, sessions)
+        await self._load_existing(conn, group, sessions, lookup_ids)
         writes = _Writes()
         results: list[_Outcome] = []
         for item in group:
@@ -604,11 +622,15 @@ class PostgresStore:
             except ClientError as exc:
                 results.append((item, None, exc))
         if writes.sessions:
-            await conn.execute(_WRITE_BATCH, *writes.args())
+            inserted = await conn.fetchval(_WRITE_BATCH, *writes.args())
+            if inserted != len(writes.m[0]):
+                if lookup_ids:  # the ids were looked up under the lock: cannot happen
+                    raise StoreError(internal="a mutation id was stored twice under one lock")
+                raise _IdsAlreadyStored
         return results, deferred
 
     async def _load_existing(self, conn: Any, group: list[_Append],
-                             sessions: dict[tuple[str, str], _SessionState]) -> None:
+                             sessions: dict[tuple[str, str], _SessionState], lookup_ids: bool) -> None:
         # Each key once: a batch of utterances names the same few labels again and again.
         id_keys: dict[tuple[int, str], None] = {}
         name_keys: dict[tuple[int, str], None] = {}
@@ -620,7 +642,7 @@ class PostgresStore:
             sid = session.sid
             for m in item.mutations:
                 type_ = m["type"]
-                if m.get("id") is not None:
+                if lookup_ids and m.get("id") is not None:
                     id_keys[(sid, m["id"])] = None
                 if type_ == "utterance" or type_ == "speaker_renamed":
                     label_keys[(sid, m["speaker"])] = None
