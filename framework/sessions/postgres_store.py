@@ -11,21 +11,25 @@ appends to different sessions never wait for each other. A row lock rather than 
 advisory lock because the counter it protects is in that very row: no code path can
 forget to take it, and it needs no separate key space.
 
-Idempotent ids. Under the session's lock, the ids of the batch that are already stored
-are read first (one indexed lookup per id) and keep their original seq; the partial
-unique index on ``(sid, mutation_id)`` is the backstop that makes a double insert fail
-the transaction instead of storing a repeat.
+Idempotent ids. Repeats are rare (a client retrying), so a batch is first numbered on
+the guess that all its ids are new, and inserted with ``ON CONFLICT DO NOTHING`` on the
+partial unique index of ``(sid, mutation_id)``. If the insert skipped a row, an id was
+already stored: the transaction is rolled back and run again with the batch's stored
+ids read first under the session's lock, so a repeat keeps its original seq and is
+never stored twice. The unique index is the backstop of both paths.
 
 Batching. Appends are queued per process; a few flusher tasks each take everything
-queued (all sessions, up to a bound), and apply it in ONE transaction of five round
-trips whatever its size: BEGIN, lock-and-read, known ids and existing rows, one
-statement that writes every table (``unnest`` of arrays), COMMIT. A session being
-flushed is not taken by another flusher, so the appends of one process reach the
-database in call order. A shared transaction takes its session locks with ``SKIP
-LOCKED`` and leaves a session that another process holds to a transaction of its own
-right after, so processes never queue behind each other's whole lock sets. If a
-shared transaction fails for a reason that is not the caller's, each of its appends is
-run again in its own transaction, so one bad batch fails alone.
+queued (all sessions, up to a bound), and apply it in ONE transaction of at most five
+round trips whatever its size: BEGIN, lock-and-read, the participant and label rows
+the batch names that exist (skipped when it names none), one statement that writes
+every table (``unnest`` of arrays), COMMIT. A session being flushed is not taken by
+another flusher, so the appends of one process reach the database in call order. A
+shared transaction takes its session locks with ``SKIP LOCKED`` and leaves the sessions
+another process holds to one transaction right after that waits for them, so processes
+never queue behind each other's whole lock sets. If a shared transaction fails for a
+reason that is not the caller's, each of its appends is run again in its own
+transaction, so one bad batch fails alone; one whose COMMIT got no answer is not run
+again (it may be stored) and its callers get an error.
 
 Durability. Every connection runs with ``synchronous_commit = on``: an append is
 answered only after COMMIT returned, which means the WAL is flushed on the primary (and
