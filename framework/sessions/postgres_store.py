@@ -56,6 +56,7 @@ import structlog
 
 from ballast.errors import ClientError, StoreError
 from ballast.sessions import ingest, jobrecord
+from ballast.sessions import postgres_sql as sql
 from ballast.sessions.postgres_schema import migrate
 from ballast.sessions.store import (
     AppendResult,
@@ -87,71 +88,6 @@ MAX_FLUSH_REQUESTS: Final = 512
 #: No statement waits longer than this on the database (a lost connection, a stuck
 #: lock): the caller gets a StoreError instead of waiting forever.
 COMMAND_TIMEOUT_S: Final = 60.0
-
-_NOW: Final = "extract(epoch from clock_timestamp())::float8"
-
-_SESSION_COLUMNS: Final = (
-    "s.sid, s.tenant, s.session_id, s.state, s.title, s.mutation_count, s.last_seq, s.created_at,"
-    " coalesce((SELECT array_agg(p.name ORDER BY p.pos) FROM participants p WHERE p.sid = s.sid),"
-    " '{}') AS participants,"
-    " (SELECT json_object_agg(k.label, k.name ORDER BY k.label) FROM speakers k"
-    " WHERE k.sid = s.sid AND k.name IS NOT NULL)::text AS speakers"
-)
-# Aliased: the session's columns include a ``state`` of their own.
-_JOB_COLUMNS: Final = ", ".join(f"j.{c} AS job_{c}" for c in jobrecord.JOB_COLUMNS)
-
-_SELECT_SESSION: Final = (
-    f"SELECT {_SESSION_COLUMNS} FROM sessions s WHERE s.tenant = $1 AND s.session_id = $2")
-_SELECT_SESSION_WITH_JOB: Final = (
-    f"SELECT {_SESSION_COLUMNS}, {_JOB_COLUMNS} FROM sessions s LEFT JOIN jobs j ON j.sid = s.sid"
-    " WHERE s.tenant = $1 AND s.session_id = $2")
-_LIST_SESSIONS: Final = (
-    f"SELECT {_SESSION_COLUMNS}, {_JOB_COLUMNS} FROM sessions s LEFT JOIN jobs j ON j.sid = s.sid"
-    " WHERE s.tenant = $1 AND s.sid > $2 ORDER BY s.sid LIMIT $3")
-_SELECT_PAGE: Final = (
-    "SELECT m.seq, m.mutation_id, m.type, m.payload FROM mutations m"
-    " JOIN sessions s ON s.sid = m.sid"
-    " WHERE s.tenant = $1 AND s.session_id = $2 AND m.seq > $3 ORDER BY m.seq LIMIT $4")
-_LOCK_SESSIONS: Final = (
-    "SELECT s.sid, s.tenant, s.session_id, s.state, s.last_seq, s.mutation_count,"
-    " s.participant_count, s.label_count"
-    " FROM sessions s JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
-    " ON s.tenant = k.tenant AND s.session_id = k.session_id"
-    " ORDER BY s.sid FOR UPDATE OF s")
-_LOCK_SKIP: Final = _LOCK_SESSIONS + " SKIP LOCKED"
-_EXISTING_SESSIONS: Final = (
-    "SELECT s.tenant, s.session_id FROM sessions s"
-    " JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
-    " ON s.tenant = k.tenant AND s.session_id = k.session_id")
-# What numbering and the limits need to know, for every session of the flush at once:
-# which of the batch's ids, participant names and speaker labels are already stored.
-_SELECT_EXISTING: Final = (
-    "SELECT 0 AS kind, m.sid, m.mutation_id AS key, m.seq FROM mutations m"
-    " JOIN unnest($1::bigint[], $2::text[]) AS k(sid, key) ON m.sid = k.sid AND m.mutation_id = k.key"
-    " UNION ALL"
-    " SELECT 1, p.sid, p.name, 0 FROM participants p"
-    " JOIN unnest($3::bigint[], $4::text[]) AS k(sid, key) ON p.sid = k.sid AND p.name = k.key"
-    " UNION ALL"
-    " SELECT 2, sp.sid, sp.label, 0 FROM speakers sp"
-    " JOIN unnest($5::bigint[], $6::text[]) AS k(sid, key) ON sp.sid = k.sid AND sp.label = k.key")
-_WRITE_BATCH: Final = (
-    # A repeated id is skipped (not an error) so that the count of inserted rows can
-    # say a batch was numbered on a wrong guess; the primary key still fails loudly.
-    "WITH m AS (INSERT INTO mutations (sid, seq, mutation_id, type, payload)"
-    "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
-    "  ON CONFLICT (sid, mutation_id) WHERE mutation_id IS NOT NULL DO NOTHING RETURNING 1),"
-    " p AS (INSERT INTO participants (sid, pos, name)"
-    "  SELECT * FROM unnest($6::bigint[], $7::int[], $8::text[])),"
-    " k AS (INSERT INTO speakers (sid, label, name)"
-    "  SELECT * FROM unnest($9::bigint[], $10::text[], $11::text[])"
-    "  ON CONFLICT (sid, label) DO UPDATE SET name = coalesce(excluded.name, speakers.name)),"
-    " u AS (UPDATE sessions s SET mutation_count = v.mc, last_seq = v.ls, participant_count = v.pc,"
-    "  label_count = v.lc"
-    " FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::int[])"
-    "  AS v(sid, mc, ls, pc, lc)"
-    " WHERE s.sid = v.sid)"
-    " SELECT count(*) FROM m")
-
 
 async def _nothing_to_reset(conn: Any) -> None:
     """The pool's reset on release, made a no-op: this adapter leaves no session state.
@@ -401,12 +337,12 @@ class PostgresStore:
         return record
 
     async def get_session(self, tenant: str, session_id: str) -> SessionRecord | None:
-        row = await self._fetchrow(_SELECT_SESSION, tenant, session_id)
+        row = await self._fetchrow(sql.SELECT_SESSION, tenant, session_id)
         return None if row is None else _record(row)
 
     async def get_session_with_job(self, tenant: str, session_id: str
                                    ) -> tuple[SessionRecord | None, JobRecord | None]:
-        row = await self._fetchrow(_SELECT_SESSION_WITH_JOB, tenant, session_id)
+        row = await self._fetchrow(sql.SELECT_SESSION_WITH_JOB, tenant, session_id)
         if row is None:
             return None, None
         return _record(row), _job(row)
@@ -423,7 +359,7 @@ class PostgresStore:
                     "SELECT sid FROM sessions WHERE tenant = $1 AND session_id = $2", tenant, after)
                 if start is None:
                     raise unknown_cursor(after)
-            return [(_record(r), _job(r)) for r in await conn.fetch(_LIST_SESSIONS, tenant, start, limit)]
+            return [(_record(r), _job(r)) for r in await conn.fetch(sql.LIST_SESSIONS, tenant, start, limit)]
 
         # One snapshot for the cursor and the page.
         result: list[tuple[SessionRecord, JobRecord | None]] = await self._in_transaction(
@@ -436,7 +372,7 @@ class PostgresStore:
                              limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
-        return [_mutation(r) for r in await self._fetch(_SELECT_PAGE, tenant, session_id, after, limit)]
+        return [_mutation(r) for r in await self._fetch(sql.SELECT_PAGE, tenant, session_id, after, limit)]
 
     def iter_mutations(self, tenant: str, session_id: str, batch: int = 5000) -> Iterator[dict[str, Any]]:
         """Pages fetched on the store's event loop, handed to this (worker) thread."""
@@ -603,7 +539,7 @@ class PostgresStore:
         """Inside the append transaction: lock, read, number and write the group."""
         tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
         deferred: list[_Append] = []
-        locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
+        locked = await conn.fetch(sql.LOCK_SKIP if skip_locked else sql.LOCK_SESSIONS, tenants, ids)
         sessions: dict[tuple[str, str], _SessionState] = {
             (r["tenant"], r["session_id"]): _SessionState(
                 r["sid"], r["state"], r["last_seq"], r["mutation_count"],
@@ -611,7 +547,7 @@ class PostgresStore:
         if skip_locked and len(sessions) < len(keys):
             missing = [k for k in keys if k not in sessions]
             held = {(r[0], r[1]) for r in await conn.fetch(
-                _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
+                sql.EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
             deferred = [item for item in group if item.key in held]
             group = [item for item in group if item.key not in held]
         await self._load_existing(conn, group, sessions, lookup_ids)
@@ -626,7 +562,7 @@ class PostgresStore:
             except ClientError as exc:
                 results.append((item, None, exc))
         if writes.sessions:
-            inserted = await conn.fetchval(_WRITE_BATCH, *writes.args())
+            inserted = await conn.fetchval(sql.WRITE_BATCH, *writes.args())
             if inserted != len(writes.m[0]):
                 if lookup_ids:  # the ids were looked up under the lock: cannot happen
                     raise StoreError(internal="a mutation id was stored twice under one lock")
@@ -660,7 +596,7 @@ class PostgresStore:
         ids, names, labels = ([[k[0] for k in keys], [k[1] for k in keys]]
                               for keys in (id_keys, name_keys, label_keys))
         by_sid = {s.sid: s for s in sessions.values()}
-        for kind, sid, key, seq in await conn.fetch(_SELECT_EXISTING, *ids, *names, *labels):
+        for kind, sid, key, seq in await conn.fetch(sql.SELECT_EXISTING, *ids, *names, *labels):
             session = by_sid[sid]
             if kind == 0:
                 session.known_ids[key] = seq
@@ -753,7 +689,7 @@ class PostgresStore:
 
     async def get_job(self, tenant: str, session_id: str) -> JobRecord | None:
         row = await self._fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN sessions s ON s.sid = j.sid"
+            f"SELECT {sql.JOB_COLUMNS} FROM jobs j JOIN sessions s ON s.sid = j.sid"
             " WHERE s.tenant = $1 AND s.session_id = $2", tenant, session_id)
         return _job(row)
 
@@ -768,7 +704,7 @@ class PostgresStore:
                         progress: dict[str, Any]) -> JobStart:
         async def start(conn: Any) -> JobStart:
             row = await conn.fetchrow(
-                f"SELECT s.sid, s.state AS session_state, {_JOB_COLUMNS}, {_NOW} AS now FROM sessions s"
+                f"SELECT s.sid, s.state AS session_state, {sql.JOB_COLUMNS}, {sql.NOW} AS now FROM sessions s"
                 " LEFT JOIN jobs j ON j.sid = s.sid WHERE s.tenant = $1 AND s.session_id = $2"
                 " FOR UPDATE OF s", tenant, session_id)
             if row is None:
@@ -786,11 +722,11 @@ class PostgresStore:
         return result
 
     async def save_progress(self, lease: Lease, progress: dict[str, Any], lease_s: float) -> None:
-        await self._fenced(lease, "progress = $4, lease_expires = " + _NOW + " + $5, heartbeat_at = "
-                           + _NOW, orjson.dumps(progress).decode(), lease_s)
+        await self._fenced(lease, "progress = $4, lease_expires = " + sql.NOW + " + $5, heartbeat_at = "
+                           + sql.NOW, orjson.dumps(progress).decode(), lease_s)
 
     async def renew_lease(self, lease: Lease, lease_s: float) -> None:
-        await self._fenced(lease, f"lease_expires = {_NOW} + $4, heartbeat_at = {_NOW}", lease_s)
+        await self._fenced(lease, f"lease_expires = {sql.NOW} + $4, heartbeat_at = {sql.NOW}", lease_s)
 
     async def release_job(self, lease: Lease) -> None:
         await self._fenced(lease, "owner = NULL, lease_expires = 0")
@@ -810,7 +746,7 @@ class PostgresStore:
                          report: dict[str, Any] | None) -> None:
         async def finish(conn: Any) -> None:
             row = await conn.fetchrow(
-                f"SELECT s.sid, s.state AS session_state, {_JOB_COLUMNS} FROM sessions s"
+                f"SELECT s.sid, s.state AS session_state, {sql.JOB_COLUMNS} FROM sessions s"
                 " LEFT JOIN jobs j ON j.sid = s.sid WHERE s.tenant = $1 AND s.session_id = $2"
                 " FOR UPDATE OF s", lease.tenant, lease.session_id)
             job = _job(row)
@@ -834,9 +770,9 @@ class PostgresStore:
             # SKIP LOCKED: two processes claiming at once split the expired jobs between
             # them instead of queueing on the same rows.
             rows = await conn.fetch(
-                f"SELECT s.sid, s.tenant, s.session_id, {_JOB_COLUMNS}, {_NOW} AS now"
+                f"SELECT s.sid, s.tenant, s.session_id, {sql.JOB_COLUMNS}, {sql.NOW} AS now"
                 " FROM jobs j JOIN sessions s ON s.sid = j.sid"
-                f" WHERE j.state = 'running' AND j.lease_expires < {_NOW}"
+                f" WHERE j.state = 'running' AND j.lease_expires < {sql.NOW}"
                 # Its own jobs still run in this process (their lease ran out while the
                 # database was unreachable); their own END or renewal lands later.
                 " AND j.owner IS DISTINCT FROM $2"
