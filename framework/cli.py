@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from ballast import logging as blog
-from ballast.config import Config, load_settings
-from ballast.errors import ConfigError, PluginError
+from ballast.config import Config, load_settings, redact_url
+from ballast.errors import ConfigError, PluginError, StoreError
 from ballast.plugin_manager import Plugins, load_plugins
 
 EXIT_CONFIG = 2
@@ -111,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"{exc.strerror or type(exc).__name__}", 1)
     try:
         asyncio.run(_serve(config, plugins, worker=args.worker_index))
+    except StoreError as exc:  # the database cannot be opened: say why, without a traceback
+        return _fail(f"storage: {redact_url(exc.internal)}", 1)
     except OSError as exc:  # the address is taken or not ours to bind
         return _fail(f"server: cannot listen on {server.host}:{server.port}: "
                      f"{exc.strerror or type(exc).__name__}", 1)

@@ -11,21 +11,25 @@ appends to different sessions never wait for each other. A row lock rather than 
 advisory lock because the counter it protects is in that very row: no code path can
 forget to take it, and it needs no separate key space.
 
-Idempotent ids. Under the session's lock, the ids of the batch that are already stored
-are read first (one indexed lookup per id) and keep their original seq; the partial
-unique index on ``(sid, mutation_id)`` is the backstop that makes a double insert fail
-the transaction instead of storing a repeat.
+Idempotent ids. Repeats are rare (a client retrying), so a batch is first numbered on
+the guess that all its ids are new, and inserted with ``ON CONFLICT DO NOTHING`` on the
+partial unique index of ``(sid, mutation_id)``. If the insert skipped a row, an id was
+already stored: the transaction is rolled back and run again with the batch's stored
+ids read first under the session's lock, so a repeat keeps its original seq and is
+never stored twice. The unique index is the backstop of both paths.
 
 Batching. Appends are queued per process; a few flusher tasks each take everything
-queued (all sessions, up to a bound), and apply it in ONE transaction of five round
-trips whatever its size: BEGIN, lock-and-read, known ids and existing rows, one
-statement that writes every table (``unnest`` of arrays), COMMIT. A session being
-flushed is not taken by another flusher, so the appends of one process reach the
-database in call order. A shared transaction takes its session locks with ``SKIP
-LOCKED`` and leaves a session that another process holds to a transaction of its own
-right after, so processes never queue behind each other's whole lock sets. If a
-shared transaction fails for a reason that is not the caller's, each of its appends is
-run again in its own transaction, so one bad batch fails alone.
+queued (all sessions, up to a bound), and apply it in ONE transaction of at most five
+round trips whatever its size: BEGIN, lock-and-read, the participant and label rows
+the batch names that exist (skipped when it names none), one statement that writes
+every table (``unnest`` of arrays), COMMIT. A session being flushed is not taken by
+another flusher, so the appends of one process reach the database in call order. A
+shared transaction takes its session locks with ``SKIP LOCKED`` and leaves the sessions
+another process holds to one transaction right after that waits for them, so processes
+never queue behind each other's whole lock sets. If a shared transaction fails for a
+reason that is not the caller's, each of its appends is run again in its own
+transaction, so one bad batch fails alone; one whose COMMIT got no answer is not run
+again (it may be stored) and its callers get an error.
 
 Durability. Every connection runs with ``synchronous_commit = on``: an append is
 answered only after COMMIT returned, which means the WAL is flushed on the primary (and
@@ -52,6 +56,7 @@ import structlog
 
 from ballast.errors import ClientError, StoreError
 from ballast.sessions import ingest, jobrecord
+from ballast.sessions import postgres_sql as sql
 from ballast.sessions.commit_metrics import CommitMetrics
 from ballast.sessions.postgres_schema import migrate
 from ballast.sessions.store import (
@@ -85,67 +90,6 @@ MAX_FLUSH_REQUESTS: Final = 512
 #: No statement waits longer than this on the database (a lost connection, a stuck
 #: lock): the caller gets a StoreError instead of waiting forever.
 COMMAND_TIMEOUT_S: Final = 60.0
-
-_NOW: Final = "extract(epoch from clock_timestamp())::float8"
-
-_SESSION_COLUMNS: Final = (
-    "s.sid, s.tenant, s.session_id, s.state, s.title, s.mutation_count, s.last_seq, s.created_at,"
-    " coalesce((SELECT array_agg(p.name ORDER BY p.pos) FROM participants p WHERE p.sid = s.sid),"
-    " '{}') AS participants,"
-    " (SELECT json_object_agg(k.label, k.name ORDER BY k.label) FROM speakers k"
-    " WHERE k.sid = s.sid AND k.name IS NOT NULL)::text AS speakers"
-)
-# Aliased: the session's columns include a ``state`` of their own.
-_JOB_COLUMNS: Final = ", ".join(f"j.{c} AS job_{c}" for c in jobrecord.JOB_COLUMNS)
-
-_SELECT_SESSION: Final = (
-    f"SELECT {_SESSION_COLUMNS} FROM sessions s WHERE s.tenant = $1 AND s.session_id = $2")
-_SELECT_SESSION_WITH_JOB: Final = (
-    f"SELECT {_SESSION_COLUMNS}, {_JOB_COLUMNS} FROM sessions s LEFT JOIN jobs j ON j.sid = s.sid"
-    " WHERE s.tenant = $1 AND s.session_id = $2")
-_LIST_SESSIONS: Final = (
-    f"SELECT {_SESSION_COLUMNS}, {_JOB_COLUMNS} FROM sessions s LEFT JOIN jobs j ON j.sid = s.sid"
-    " WHERE s.tenant = $1 AND s.sid > $2 ORDER BY s.sid LIMIT $3")
-_SELECT_PAGE: Final = (
-    "SELECT m.seq, m.mutation_id, m.type, m.payload FROM mutations m"
-    " JOIN sessions s ON s.sid = m.sid"
-    " WHERE s.tenant = $1 AND s.session_id = $2 AND m.seq > $3 ORDER BY m.seq LIMIT $4")
-_LOCK_SESSIONS: Final = (
-    "SELECT s.sid, s.tenant, s.session_id, s.state, s.last_seq, s.mutation_count,"
-    " s.participant_count, s.label_count"
-    " FROM sessions s JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
-    " ON s.tenant = k.tenant AND s.session_id = k.session_id"
-    " ORDER BY s.sid FOR UPDATE OF s")
-_LOCK_SKIP: Final = _LOCK_SESSIONS + " SKIP LOCKED"
-_EXISTING_SESSIONS: Final = (
-    "SELECT s.tenant, s.session_id FROM sessions s"
-    " JOIN unnest($1::text[], $2::text[]) AS k(tenant, session_id)"
-    " ON s.tenant = k.tenant AND s.session_id = k.session_id")
-# What numbering and the limits need to know, for every session of the flush at once:
-# which of the batch's ids, participant names and speaker labels are already stored.
-_SELECT_EXISTING: Final = (
-    "SELECT 0 AS kind, m.sid, m.mutation_id AS key, m.seq FROM mutations m"
-    " JOIN unnest($1::bigint[], $2::text[]) AS k(sid, key) ON m.sid = k.sid AND m.mutation_id = k.key"
-    " UNION ALL"
-    " SELECT 1, p.sid, p.name, 0 FROM participants p"
-    " JOIN unnest($3::bigint[], $4::text[]) AS k(sid, key) ON p.sid = k.sid AND p.name = k.key"
-    " UNION ALL"
-    " SELECT 2, sp.sid, sp.label, 0 FROM speakers sp"
-    " JOIN unnest($5::bigint[], $6::text[]) AS k(sid, key) ON sp.sid = k.sid AND sp.label = k.key")
-_WRITE_BATCH: Final = (
-    "WITH m AS (INSERT INTO mutations (sid, seq, mutation_id, type, payload)"
-    "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])),"
-    " p AS (INSERT INTO participants (sid, pos, name)"
-    "  SELECT * FROM unnest($6::bigint[], $7::int[], $8::text[])),"
-    " k AS (INSERT INTO speakers (sid, label, name)"
-    "  SELECT * FROM unnest($9::bigint[], $10::text[], $11::text[])"
-    "  ON CONFLICT (sid, label) DO UPDATE SET name = coalesce(excluded.name, speakers.name))"
-    " UPDATE sessions s SET mutation_count = v.mc, last_seq = v.ls, participant_count = v.pc,"
-    "  label_count = v.lc"
-    " FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::int[])"
-    "  AS v(sid, mc, ls, pc, lc)"
-    " WHERE s.sid = v.sid")
-
 
 async def _nothing_to_reset(conn: Any) -> None:
     """The pool's reset on release, made a no-op: this adapter leaves no session state.
@@ -211,6 +155,10 @@ def _rolled_back(exc: BaseException) -> bool:
     if not isinstance(exc, asyncpg.PostgresError):
         return False  # no answer: a lost connection, a timeout
     return str(getattr(exc, "sqlstate", ""))[:2] not in _UNKNOWN_OUTCOME_CLASSES
+
+
+class _IdsAlreadyStored(Exception):
+    """The optimistic numbering met an id that is already stored: look ids up, again."""
 
 
 class _CommitUnknown(Exception):
@@ -392,12 +340,12 @@ class PostgresStore:
         return record
 
     async def get_session(self, tenant: str, session_id: str) -> SessionRecord | None:
-        row = await self._fetchrow(_SELECT_SESSION, tenant, session_id)
+        row = await self._fetchrow(sql.SELECT_SESSION, tenant, session_id)
         return None if row is None else _record(row)
 
     async def get_session_with_job(self, tenant: str, session_id: str
                                    ) -> tuple[SessionRecord | None, JobRecord | None]:
-        row = await self._fetchrow(_SELECT_SESSION_WITH_JOB, tenant, session_id)
+        row = await self._fetchrow(sql.SELECT_SESSION_WITH_JOB, tenant, session_id)
         if row is None:
             return None, None
         return _record(row), _job(row)
@@ -414,7 +362,7 @@ class PostgresStore:
                     "SELECT sid FROM sessions WHERE tenant = $1 AND session_id = $2", tenant, after)
                 if start is None:
                     raise unknown_cursor(after)
-            return [(_record(r), _job(r)) for r in await conn.fetch(_LIST_SESSIONS, tenant, start, limit)]
+            return [(_record(r), _job(r)) for r in await conn.fetch(sql.LIST_SESSIONS, tenant, start, limit)]
 
         # One snapshot for the cursor and the page.
         result: list[tuple[SessionRecord, JobRecord | None]] = await self._in_transaction(
@@ -427,7 +375,7 @@ class PostgresStore:
                              limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
-        return [_mutation(r) for r in await self._fetch(_SELECT_PAGE, tenant, session_id, after, limit)]
+        return [_mutation(r) for r in await self._fetch(sql.SELECT_PAGE, tenant, session_id, after, limit)]
 
     def iter_mutations(self, tenant: str, session_id: str, batch: int = 5000) -> Iterator[dict[str, Any]]:
         """Pages fetched on the store's event loop, handed to this (worker) thread."""
@@ -559,12 +507,22 @@ class PostgresStore:
 
     async def _transaction(self, group: list[_Append], *, skip_locked: bool
                            ) -> tuple[list[_Outcome], list[_Append]]:
+        """Numbered first on the guess that every id is new, as repeats are rare (a
+        client retrying); if the insert finds one already stored, the transaction is
+        rolled back and run again with the batch's stored ids looked up first."""
+        try:
+            return await self._attempt(group, skip_locked, lookup_ids=False)
+        except _IdsAlreadyStored:
+            return await self._attempt(group, skip_locked, lookup_ids=True)
+
+    async def _attempt(self, group: list[_Append], skip_locked: bool, *, lookup_ids: bool
+                       ) -> tuple[list[_Outcome], list[_Append]]:
         keys = list(dict.fromkeys(a.key for a in group))
         async with self._require_pool().acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                results, deferred = await self._write(conn, group, keys, skip_locked)
+                results, deferred = await self._write(conn, group, keys, skip_locked, lookup_ids)
             except BaseException:
                 try:
                     await transaction.rollback()
@@ -581,11 +539,11 @@ class PostgresStore:
         return results, deferred  # committed
 
     async def _write(self, conn: Any, group: list[_Append], keys: list[tuple[str, str]],
-                     skip_locked: bool) -> tuple[list[_Outcome], list[_Append]]:
+                     skip_locked: bool, lookup_ids: bool) -> tuple[list[_Outcome], list[_Append]]:
         """Inside the append transaction: lock, read, number and write the group."""
         tenants, ids = [k[0] for k in keys], [k[1] for k in keys]
         deferred: list[_Append] = []
-        locked = await conn.fetch(_LOCK_SKIP if skip_locked else _LOCK_SESSIONS, tenants, ids)
+        locked = await conn.fetch(sql.LOCK_SKIP if skip_locked else sql.LOCK_SESSIONS, tenants, ids)
         sessions: dict[tuple[str, str], _SessionState] = {
             (r["tenant"], r["session_id"]): _SessionState(
                 r["sid"], r["state"], r["last_seq"], r["mutation_count"],
@@ -593,10 +551,10 @@ class PostgresStore:
         if skip_locked and len(sessions) < len(keys):
             missing = [k for k in keys if k not in sessions]
             held = {(r[0], r[1]) for r in await conn.fetch(
-                _EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
+                sql.EXISTING_SESSIONS, [k[0] for k in missing], [k[1] for k in missing])}
             deferred = [item for item in group if item.key in held]
             group = [item for item in group if item.key not in held]
-        await self._load_existing(conn, group, sessions)
+        await self._load_existing(conn, group, sessions, lookup_ids)
         writes = _Writes()
         results: list[_Outcome] = []
         for item in group:
@@ -608,11 +566,15 @@ class PostgresStore:
             except ClientError as exc:
                 results.append((item, None, exc))
         if writes.sessions:
-            await conn.execute(_WRITE_BATCH, *writes.args())
+            inserted = await conn.fetchval(sql.WRITE_BATCH, *writes.args())
+            if inserted != len(writes.m[0]):
+                if lookup_ids:  # the ids were looked up under the lock: cannot happen
+                    raise StoreError(internal="a mutation id was stored twice under one lock")
+                raise _IdsAlreadyStored
         return results, deferred
 
     async def _load_existing(self, conn: Any, group: list[_Append],
-                             sessions: dict[tuple[str, str], _SessionState]) -> None:
+                             sessions: dict[tuple[str, str], _SessionState], lookup_ids: bool) -> None:
         # Each key once: a batch of utterances names the same few labels again and again.
         id_keys: dict[tuple[int, str], None] = {}
         name_keys: dict[tuple[int, str], None] = {}
@@ -624,7 +586,7 @@ class PostgresStore:
             sid = session.sid
             for m in item.mutations:
                 type_ = m["type"]
-                if m.get("id") is not None:
+                if lookup_ids and m.get("id") is not None:
                     id_keys[(sid, m["id"])] = None
                 if type_ == "utterance" or type_ == "speaker_renamed":
                     label_keys[(sid, m["speaker"])] = None
@@ -638,7 +600,7 @@ class PostgresStore:
         ids, names, labels = ([[k[0] for k in keys], [k[1] for k in keys]]
                               for keys in (id_keys, name_keys, label_keys))
         by_sid = {s.sid: s for s in sessions.values()}
-        for kind, sid, key, seq in await conn.fetch(_SELECT_EXISTING, *ids, *names, *labels):
+        for kind, sid, key, seq in await conn.fetch(sql.SELECT_EXISTING, *ids, *names, *labels):
             session = by_sid[sid]
             if kind == 0:
                 session.known_ids[key] = seq
@@ -731,7 +693,7 @@ class PostgresStore:
 
     async def get_job(self, tenant: str, session_id: str) -> JobRecord | None:
         row = await self._fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN sessions s ON s.sid = j.sid"
+            f"SELECT {sql.JOB_COLUMNS} FROM jobs j JOIN sessions s ON s.sid = j.sid"
             " WHERE s.tenant = $1 AND s.session_id = $2", tenant, session_id)
         return _job(row)
 
@@ -746,7 +708,7 @@ class PostgresStore:
                         progress: dict[str, Any]) -> JobStart:
         async def start(conn: Any) -> JobStart:
             row = await conn.fetchrow(
-                f"SELECT s.sid, s.state AS session_state, {_JOB_COLUMNS}, {_NOW} AS now FROM sessions s"
+                f"SELECT s.sid, s.state AS session_state, {sql.JOB_COLUMNS}, {sql.NOW} AS now FROM sessions s"
                 " LEFT JOIN jobs j ON j.sid = s.sid WHERE s.tenant = $1 AND s.session_id = $2"
                 " FOR UPDATE OF s", tenant, session_id)
             if row is None:
@@ -764,11 +726,11 @@ class PostgresStore:
         return result
 
     async def save_progress(self, lease: Lease, progress: dict[str, Any], lease_s: float) -> None:
-        await self._fenced(lease, "progress = $4, lease_expires = " + _NOW + " + $5, heartbeat_at = "
-                           + _NOW, orjson.dumps(progress).decode(), lease_s)
+        await self._fenced(lease, "progress = $4, lease_expires = " + sql.NOW + " + $5, heartbeat_at = "
+                           + sql.NOW, orjson.dumps(progress).decode(), lease_s)
 
     async def renew_lease(self, lease: Lease, lease_s: float) -> None:
-        await self._fenced(lease, f"lease_expires = {_NOW} + $4, heartbeat_at = {_NOW}", lease_s)
+        await self._fenced(lease, f"lease_expires = {sql.NOW} + $4, heartbeat_at = {sql.NOW}", lease_s)
 
     async def release_job(self, lease: Lease) -> None:
         await self._fenced(lease, "owner = NULL, lease_expires = 0")
@@ -788,7 +750,7 @@ class PostgresStore:
                          report: dict[str, Any] | None) -> None:
         async def finish(conn: Any) -> None:
             row = await conn.fetchrow(
-                f"SELECT s.sid, s.state AS session_state, {_JOB_COLUMNS} FROM sessions s"
+                f"SELECT s.sid, s.state AS session_state, {sql.JOB_COLUMNS} FROM sessions s"
                 " LEFT JOIN jobs j ON j.sid = s.sid WHERE s.tenant = $1 AND s.session_id = $2"
                 " FOR UPDATE OF s", lease.tenant, lease.session_id)
             job = _job(row)
@@ -812,9 +774,9 @@ class PostgresStore:
             # SKIP LOCKED: two processes claiming at once split the expired jobs between
             # them instead of queueing on the same rows.
             rows = await conn.fetch(
-                f"SELECT s.sid, s.tenant, s.session_id, {_JOB_COLUMNS}, {_NOW} AS now"
+                f"SELECT s.sid, s.tenant, s.session_id, {sql.JOB_COLUMNS}, {sql.NOW} AS now"
                 " FROM jobs j JOIN sessions s ON s.sid = j.sid"
-                f" WHERE j.state = 'running' AND j.lease_expires < {_NOW}"
+                f" WHERE j.state = 'running' AND j.lease_expires < {sql.NOW}"
                 # Its own jobs still run in this process (their lease ran out while the
                 # database was unreachable); their own END or renewal lands later.
                 " AND j.owner IS DISTINCT FROM $2"

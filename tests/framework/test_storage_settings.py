@@ -56,3 +56,15 @@ def test_config_show_never_prints_the_password_of_the_url(tmp_path: Path) -> Non
     shown = config.as_dict(redact=True)["storage"]["url"]
     assert shown == "postgresql://***@db:5432/prod"
     assert "s3cret" not in str(config.as_dict(redact=True))
+
+
+def test_serve_with_an_unreachable_database_exits_1_naming_storage_not_the_password() -> None:
+    from support import free_port, run_cli
+
+    result = run_cli("serve", env={
+        "BALLAST__STORAGE__BACKEND": "postgres", "BALLAST__SERVER__PORT": str(free_port()),
+        "BALLAST__STORAGE__URL": "postgresql://ballast:s3cret-pw@127.0.0.1:1/none"})
+    assert result.returncode == 1
+    assert "ballast: error: storage: cannot open the PostgreSQL store" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout
