@@ -33,6 +33,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("shared_client", "ballast.plugins.shared_client"),
     ("bulkhead", "ballast.plugins.bulkhead"),
     ("queue_logging", "ballast.plugins.queue_logging"),
+    ("adaptive_concurrency", "ballast.plugins.adaptive_concurrency"),
 )
 
 
