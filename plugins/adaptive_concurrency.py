@@ -18,9 +18,10 @@ Netflix's Gradient2:
   requests are queueing, so the limit shrinks; above 1 there is room, and the limit
   grows, but only if the load actually used at least half of it (an idle server does
   not learn that it could take a thousand requests);
-* ``new = limit * gradient + sqrt(limit)`` (the square root is a little headroom so a
-  limit at equilibrium still probes upward), smoothed and clamped to
-  ``min_limit..max_limit``;
+* ``new = limit * gradient`` when shrinking, ``limit * gradient + sqrt(limit)`` when
+  growing (the square root lets a limit at the line still probe upward), smoothed and
+  clamped to ``min_limit..max_limit``; the limit so settles where the latency is about
+  ``tolerance`` times the baseline;
 * a request refused downstream for capacity (the bulkhead's 503) or cancelled by its
   time budget (504) is a *drop*: the window's limit is cut by a fifth, whatever the
   latency says, so the next excess is refused at the door, cheaply, instead of after
@@ -77,7 +78,7 @@ class Settings(PluginSection):
     min_limit: int = Field(8, ge=1, le=100_000, description="the limit never goes below this")
     max_limit: int = Field(1000, ge=1, le=100_000, description="the limit never goes above this")
     initial_limit: int = Field(64, ge=1, le=100_000, description="the limit at start-up")
-    tolerance: float = Field(2.0, ge=1.0, le=10.0,
+    tolerance: float = Field(1.5, ge=1.0, le=10.0,
                              description="latency over the baseline tolerated before the limit shrinks")
     window_ms: int = Field(100, ge=10, le=60_000, description="how often the limit is recomputed")
     probe_interval_s: float = Field(
@@ -105,7 +106,7 @@ class GradientLimit:
                  "smoothing", "tolerance", "value", "window_s")
 
     def __init__(self, *, min_limit: int = 8, max_limit: int = 1000, initial_limit: int = 64,
-                 tolerance: float = 2.0, window_s: float = 0.1, smoothing: float = 0.3,
+                 tolerance: float = 1.5, window_s: float = 0.1, smoothing: float = 0.3,
                  min_samples: int = 8, probe_interval_s: float = 30.0, probe_samples: int = 32) -> None:
         if not 1 <= min_limit <= initial_limit <= max_limit:
             raise ValueError("need 1 <= min_limit <= initial_limit <= max_limit")
@@ -191,11 +192,12 @@ class GradientLimit:
         if self._probe:
             self._step_probe(now, samples)
             return True
-        if short is not None and (self.baseline is None or short < self.baseline
-                                  or peak <= self.min_limit):
-            # Light load measures the unloaded latency directly; no probe needed.
+        # Light load (at most min_limit in flight, and under half the limit, so nothing
+        # queued at the door) measures the unloaded latency directly: no probe needed.
+        light = peak <= self.min_limit and peak * 2 <= self.value
+        if short is not None and (self.baseline is None or short < self.baseline or light):
             self.baseline = short
-            if peak <= self.min_limit:
+            if light:
                 self._next_probe = now + self.probe_interval_s
         if drops:
             target = self.value * 0.8
@@ -203,9 +205,11 @@ class GradientLimit:
             return True
         else:
             gradient = min(2.0, max(0.5, self.tolerance * self.baseline / short))
-            if gradient >= 1.0 and peak * 2 < self.value:
+            if gradient < 1.0:
+                target = self.value * gradient  # queueing: shrink in proportion
+            elif peak * 2 < self.value:
                 target = self.value  # app-limited: the load never tested this limit
-            else:
+            else:  # room: grow, by at least sqrt(limit) so a limit at the line still probes up
                 target = self.value * gradient + math.sqrt(self.value)
         self._set(self.value + self.smoothing * (target - self.value) if not drops else target)
         if self._next_probe is not None and now >= self._next_probe:

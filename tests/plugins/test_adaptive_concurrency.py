@@ -42,6 +42,7 @@ class Run:
     def __init__(self) -> None:
         self.admitted: list[tuple[float, float]] = []  # (finish time, latency)
         self.refused = 0
+        self.refused_at: list[float] = []
         self.limits: list[tuple[float, int]] = []
 
 
@@ -71,6 +72,7 @@ def simulate(lim: GradientLimit, *, clients: int, seconds: float, start: float =
             heapq.heappush(events, (now + latency_of(lim.in_flight), seq, client, now))
         else:
             run.refused += 1
+            run.refused_at.append(now)
             heapq.heappush(events, (now + retry_s, seq, client, -1.0))
         seq += 1
     return run
@@ -164,10 +166,11 @@ def test_the_limit_recovers_after_an_overload() -> None:
     quiet = simulate(lim, clients=4, seconds=3.0, start=5.0)
     assert quiet.refused == 0
     assert p99([lat for _, lat in quiet.admitted]) == pytest.approx(BASE)
-    # ...and a heavier but servable load gets its room back.
-    busy = simulate(lim, clients=2 * KNEE, seconds=5.0, start=8.0)
-    assert lim.limit >= 2 * KNEE > squeezed or lim.limit >= 2 * KNEE
-    assert [t for t, _ in busy.admitted if t > 10.0] and busy.refused < len(busy.admitted) / 10
+    # ...and when more load comes that the server can take (its latency stays flat), the
+    # limit climbs back past what the flood squeezed it to, within a few seconds.
+    busy = simulate(lim, clients=100, seconds=5.0, start=8.0, latency_of=lambda n: BASE)
+    assert squeezed < 50 and lim.limit >= 100
+    assert busy.refused > 0 and not [t for t in busy.refused_at if t > 11.0]
 
 
 def test_a_probe_relearns_the_unloaded_latency_under_sustained_load() -> None:
