@@ -86,8 +86,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except ValueError as exc:
         return _fail(f"server: {exc}")
-    asyncio.run(_serve(config, plugins))
+    with asyncio.Runner(loop_factory=_loop_factory(config.settings.server.uvloop)) as runner:
+        runner.run(_serve(config, plugins))
     return 0
+
+
+def _loop_factory(use_uvloop: bool) -> Any:
+    """uvloop's event loop when wanted and installed, else the stdlib's (None)."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 # ------------------------------------------------------------------------------ plugins / config

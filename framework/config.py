@@ -35,6 +35,9 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
+    #: Run on uvloop when it is installed (a dependency on CPython/Linux and macOS):
+    #: its sockets and scheduling cost less per request. false: the stdlib event loop.
+    uvloop: bool = True
 
 
 class StorageSettings(_Section):

@@ -273,24 +273,36 @@ class Admission:
         self._last_limit_line = -math.inf
         self._last_shed_route = ""
         self._logged_limit = limiter.limit
-        self._shares: dict[tuple[str, str], float] = {}
+        self._routes: dict[object, tuple[float, str]] = {}
         telemetry = telemetry or Telemetry()
         self._shed_metric = telemetry.counter("ballast_load_shed_total")
         telemetry.gauge("ballast_concurrency_limit").sample(lambda: float(limiter.limit))
         telemetry.gauge("ballast_http_requests_in_flight").sample(lambda: float(limiter.in_flight))
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if path in EXEMPT_PATHS:
-            return await handler(request)
+    def _classify(self, request: web.Request) -> tuple[float, str]:
+        """(share of the limit, route template); share 0 for a route never shed."""
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "(unmatched)"
-        key = (request.method, route)
-        share = self._shares.get(key)
-        if share is None:
-            share = self._shares[key] = _share_of(*key)
+        if resource is None:
+            return SHARES["standard"], "(unmatched)"
+        route = resource.canonical
+        if route in EXEMPT_PATHS:
+            return 0.0, route
+        return _share_of(request.method, route), route
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Classified once per route object (a matched route is one object for the app's
+        # life; an unmatched request gets a fresh one, so it is classified each time).
+        key = request.match_info.route
+        entry = self._routes.get(key)
+        if entry is None:
+            entry = self._classify(request)
+            if key.resource is not None:
+                self._routes[key] = entry
+        share, route = entry
+        if not share:
+            return await handler(request)
         limiter = self.limiter
-        if "wait" in request.rel_url.query:
+        if request.query_string and "wait" in request.query:
             # A long-poll parks on an event: it costs no capacity while it waits.
             if limiter.over(SHARES["deferrable"]):
                 return self._shed(request, route)
