@@ -14,10 +14,12 @@ Netflix's Gradient2:
 * every window (``window_ms``) the median latency of the requests that finished in it
   is the *short-term* latency; the *baseline* is the latency without queueing, the
   lowest window median seen, re-measured periodically;
-* ``gradient = tolerance * baseline / short`` (clamped to 0.5..2): below 1 the
-  requests are queueing, so the limit shrinks; above 1 there is room, and the limit
-  grows, but only if the load actually used at least half of it (an idle server does
-  not learn that it could take a thousand requests);
+* ``gradient = tolerance * max(baseline, latency_floor) / short`` (clamped to 0.5..2):
+  below 1 the requests are queueing, so the limit shrinks; above 1 there is room, and
+  the limit grows, but only if the load actually used at least half of it (an idle
+  server does not learn that it could take a thousand requests). The floor is there
+  for group commit: a 1 ms baseline tripling to 3 ms as 64 writers share each fsync is
+  batching, which buys throughput, not queueing worth refusing anyone for;
 * ``new = limit * gradient`` when shrinking, ``limit * gradient + sqrt(limit)`` when
   growing (the square root lets a limit at the line still probe upward), smoothed and
   clamped to ``min_limit..max_limit``; the limit so settles where the latency is about
@@ -80,6 +82,9 @@ class Settings(PluginSection):
     initial_limit: int = Field(64, ge=1, le=100_000, description="the limit at start-up")
     tolerance: float = Field(1.5, ge=1.0, le=10.0,
                              description="latency over the baseline tolerated before the limit shrinks")
+    latency_floor_ms: float = Field(
+        25.0, ge=0.0, le=60_000.0,
+        description="latency never treated as queueing: below tolerance x this, the limit never shrinks")
     window_ms: int = Field(100, ge=10, le=60_000, description="how often the limit is recomputed")
     probe_interval_s: float = Field(
         30.0, ge=1.0, le=3600.0,
@@ -100,13 +105,34 @@ class GradientLimit:
     limit is recomputed when a release crosses the end of a window.
     """
 
-    __slots__ = ("_drops", "_long_samples", "_next_probe", "_peak", "_probe", "_samples",
-                 "_saved_limit", "_seen", "_window_end", "baseline", "in_flight", "limit", "max_limit",
-                 "min_limit", "min_samples", "probe_interval_s", "probe_samples", "short",
-                 "smoothing", "tolerance", "value", "window_s")
+    __slots__ = (
+        "_drops",
+        "_long_samples",
+        "_next_probe",
+        "_peak",
+        "_probe",
+        "_samples",
+        "_saved_limit",
+        "_seen",
+        "_window_end",
+        "baseline",
+        "floor_s",
+        "in_flight",
+        "limit",
+        "max_limit",
+        "min_limit",
+        "min_samples",
+        "probe_interval_s",
+        "probe_samples",
+        "short",
+        "smoothing",
+        "tolerance",
+        "value",
+        "window_s",
+    )
 
     def __init__(self, *, min_limit: int = 8, max_limit: int = 1000, initial_limit: int = 64,
-                 tolerance: float = 1.5, window_s: float = 0.1, smoothing: float = 0.3,
+                 tolerance: float = 1.5, window_s: float = 0.1, smoothing: float = 0.3, floor_s: float = 0.0,
                  min_samples: int = 8, probe_interval_s: float = 30.0, probe_samples: int = 32) -> None:
         if not 1 <= min_limit <= initial_limit <= max_limit:
             raise ValueError("need 1 <= min_limit <= initial_limit <= max_limit")
@@ -115,6 +141,7 @@ class GradientLimit:
         self.min_limit = min_limit
         self.max_limit = max_limit
         self.tolerance = tolerance
+        self.floor_s = floor_s
         self.window_s = window_s
         self.smoothing = smoothing
         self.min_samples = min_samples
@@ -204,7 +231,8 @@ class GradientLimit:
         elif short is None or self.baseline is None:
             return True
         else:
-            gradient = min(2.0, max(0.5, self.tolerance * self.baseline / short))
+            reference = max(self.baseline, self.floor_s)
+            gradient = min(2.0, max(0.5, self.tolerance * reference / short))
             if gradient < 1.0:
                 target = self.value * gradient  # queueing: shrink in proportion
             elif peak * 2 < self.value:
@@ -371,6 +399,7 @@ def admission(settings: Settings, telemetry: Telemetry | None = None,
               clock: Callable[[], float] = time.monotonic) -> Admission:
     limiter = GradientLimit(min_limit=settings.min_limit, max_limit=settings.max_limit,
                             initial_limit=settings.initial_limit, tolerance=settings.tolerance,
+                            floor_s=settings.latency_floor_ms / 1000,
                             window_s=settings.window_ms / 1000, probe_interval_s=settings.probe_interval_s)
     return Admission(limiter, retry_after_s=settings.retry_after_s, telemetry=telemetry, clock=clock)
 
