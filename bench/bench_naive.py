@@ -9,6 +9,9 @@ utterances round-robin over 64 sessions:
 * ``single``: one mutation per request, 64 connections;
 * ``batch100``: 100 mutations per request, 16 connections.
 
+``ballast_asyncio`` is the same Ballast on the stdlib event loop (``server.uvloop =
+false``), to show what uvloop adds.
+
 Each round runs both servers for both loads, the server order alternating; figures
 are medians over rounds and ratios medians of per-round ratios.
 
@@ -57,6 +60,10 @@ def run(rounds: int, duration: float, extra_env: dict[str, str] | None = None) -
         servers = {
             "ballast": ballast_server(work / "ballast.db", durability="full", stdout=work / "ballast.log",
                                       extra_env=extra_env),
+            "ballast_asyncio": ballast_server(work / "asyncio.db", durability="full",
+                                              stdout=work / "asyncio.log",
+                                              extra_env={**(extra_env or {}),
+                                                         "BALLAST__SERVER__UVLOOP": "false"}),
             "naive": ServerProcess([PYTHON, str(BENCH_DIR / "naive_app.py"), "--db", str(work / "naive.db"),
                                     "--port", str(port)], port=port),
         }
@@ -90,7 +97,7 @@ def run(rounds: int, duration: float, extra_env: dict[str, str] | None = None) -
             for r in range(rounds):
                 row: dict[str, Any] = {}
                 for kind in LOADS:
-                    order = names if r % 2 == 0 else names[::-1]
+                    order = names[r % len(names):] + names[:r % len(names)]
                     for name in order:
                         row[f"{name}_{kind}"] = load(name, kind, f"r{r}{name[0]}{kind[0]}", duration)
                 per_round.append(row)
@@ -116,6 +123,9 @@ def run(rounds: int, duration: float, extra_env: dict[str, str] | None = None) -
         "median_p99_ms": {k: median([row[k]["p99_ms"] for row in per_round]) for k in per_round[0]},
         "non_2xx": {k: sum(row[k]["non_2xx"] for row in per_round) for k in per_round[0]},
         "ratios": ratios,
+        "ratios_on_asyncio": {kind: round(median([
+            row[f"ballast_asyncio_{kind}"]["mutations_per_s"] / row[f"naive_{kind}"]["mutations_per_s"]
+            for row in per_round]), 2) for kind in LOADS},
         "targets": {f"{kind}_vs_naive": {"target": f">= {TARGETS[kind]}x", "measured": ratios[kind],
                                          "result": verdict(ratios[kind] >= TARGETS[kind])} for kind in LOADS},
         "rounds": per_round,
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_result("naive_ingest", result)
     print(json.dumps({k: result[k] for k in ("median_mutations_per_s", "median_cpu_us_per_mutation",
-                                             "ratios", "targets")}, indent=1))
+                                             "ratios", "ratios_on_asyncio", "targets")}, indent=1))
     return 0
 
 

@@ -33,7 +33,8 @@ Netflix's Gradient2:
   sustained load the baseline could only be re-learnt by lowering the concurrency, so
   every ``probe_interval_s`` the limit is pinned to ``min_limit`` until enough
   requests have finished at that concurrency (Envoy's minRTT recalculation); the limit
-  then goes back to where it was.
+  then goes back to where it was. While latency is under ``tolerance`` times the
+  floor the baseline decides nothing, and no probe is made.
 
 Priorities: requests are classified once per route. ``/healthz``, ``/readyz`` and
 ``/metrics`` are never shed, counted or measured. Others are admitted while the
@@ -241,6 +242,11 @@ class GradientLimit:
                 target = self.value * gradient + math.sqrt(self.value)
         self._set(self.value + self.smoothing * (target - self.value) if not drops else target)
         if self._next_probe is not None and now >= self._next_probe:
+            if short is None or short <= self.tolerance * self.floor_s:
+                # Under the floor the baseline decides nothing: no need to refuse
+                # anyone to re-measure it.
+                self._next_probe = now + self.probe_interval_s
+                return True
             self._probe = "draining"
             self._saved_limit = self.value
             self.limit = self.min_limit
