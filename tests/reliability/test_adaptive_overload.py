@@ -58,7 +58,10 @@ SESSIONS = [f"flood-{i}" for i in range(32)]
 #: holds the median of three rounds to a floor that guards against collapse (a limit
 #: stuck at its floor, or shedding that eats the server), not to the target.
 GOODPUT_FLOOR = 0.4
-P99_CEILING = 4.0
+#: The target is 4; medians of 1.3 to 4.1 were measured (bench/README.md). Without the
+#: plugin the same flood measures 12 to 20, so a ceiling of 6 still fails a limit that
+#: does not hold, without failing on a noisy reference round.
+P99_CEILING = 6.0
 
 _ids = itertools.count()
 
@@ -93,6 +96,14 @@ async def _client(base: str, sid: str, tag: str, until: float, phase: Phase, *,
     conn = Conn(host, int(port))
     path = f"/v1/sessions/{sid}/mutations"
     rng = random.Random(tag)
+    try:
+        await _send_until(conn, path, sid, tag, until, phase, rng, canary)
+    finally:
+        await conn.close()
+
+
+async def _send_until(conn: Conn, path: str, sid: str, tag: str, until: float, phase: Phase,
+                      rng: random.Random, canary: bool) -> None:
     while time.monotonic() < until:
         body = _batch(tag)
         rid = f"{tag}-{next(_ids):010d}"
