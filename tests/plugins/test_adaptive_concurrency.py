@@ -232,8 +232,11 @@ class FakeClock:
         return self.now
 
 
-def gate_app(admission: Admission, gate: asyncio.Event, bodies_read: list[int]) -> web.Application:
+def gate_app(admission: Admission, gate: asyncio.Event, bodies_read: list[int],
+             entered: list[str] | None = None) -> web.Application:
     async def slow(request: web.Request) -> web.Response:
+        if entered is not None:
+            entered.append(request.path)
         await gate.wait()
         return web.json_response({"ok": True})
 
@@ -317,6 +320,25 @@ async def test_shed_lines_are_sampled_to_one_a_second_with_a_count(aiohttp_clien
     assert 5 <= len(lines) <= 6
     assert sum(ln["count"] for ln in lines) + adm._unlogged == 50
     assert all(ln["log_level"] == "warning" and ln["kind"] == "overloaded" for ln in lines)
+
+
+async def test_a_long_poll_holds_no_slot_but_is_refused_when_deferrable_work_is(
+        aiohttp_client: AiohttpClient) -> None:
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=4, max_limit=4, initial_limit=4), clock=clock)
+    gate = asyncio.Event()
+    entered: list[str] = []
+    client = await aiohttp_client(gate_app(adm, gate, [], entered))
+    polls = [asyncio.create_task(client.get(f"/v1/sessions/p{i}?wait=5")) for i in range(10)]
+    await until(lambda: len(entered) == 10)
+    assert adm.limiter.in_flight == 0  # ten long-polls parked in the handler, no slot taken
+    holders = [asyncio.create_task(client.get(f"/v1/sessions/h{i}")) for i in range(3)]
+    await until(lambda: adm.limiter.in_flight == 3)
+    refused = await client.get("/v1/sessions/late?wait=5")  # 3 >= 0.75 * 4
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    gate.set()
+    for r in await asyncio.gather(*polls, *holders):
+        assert r.status == 200
 
 
 async def test_a_bulkhead_refusal_inside_counts_as_a_drop(aiohttp_client: AiohttpClient) -> None:
