@@ -31,8 +31,9 @@ Netflix's Gradient2:
 * baseline refresh: while the load is light (at most ``min_limit`` in flight) every
   window is a measurement of the unloaded latency, and the baseline follows it. Under
   sustained load the baseline could only be re-learnt by lowering the concurrency, so
-  every ``probe_interval_s`` the limit is pinned to ``min_limit`` until enough
-  requests have finished at that concurrency (Envoy's minRTT recalculation); the limit
+  every ``probe_interval_s`` (the first time after ten windows, in case the server
+  started into a flood) the limit is pinned to ``min_limit`` until enough requests have
+  finished at that concurrency (Envoy's minRTT recalculation); the limit
   then goes back to where it was. While latency is under ``tolerance`` times the
   floor the baseline decides nothing, and no probe is made.
 
@@ -149,9 +150,7 @@ class GradientLimit:
         self.probe_interval_s = probe_interval_s
         self.probe_samples = probe_samples
         self.value = float(initial_limit)  # the limit before rounding
-        # No baseline yet: the first one is measured at min_limit, as a probe would.
-        # (Measured at initial_limit under a flood, it would be the queued latency.)
-        self.limit = min_limit
+        self.limit = initial_limit
         self.in_flight = 0
         self.baseline: float | None = None  # unloaded latency estimate, seconds
         self.short: float | None = None     # the last window's median latency
@@ -162,7 +161,7 @@ class GradientLimit:
         self._seen = 0
         self._window_end: float | None = None
         self._next_probe: float | None = None
-        self._probe = "measuring"  # "" | "draining" | "measuring"
+        self._probe = ""  # "" | "draining" | "measuring"
         self._saved_limit = float(initial_limit)
 
     # -- per request ------------------------------------------------------------------
@@ -201,7 +200,10 @@ class GradientLimit:
         end = self._window_end
         if end is None:
             self._window_end = now + self.window_s
-            self._next_probe = now + self.probe_interval_s
+            # A server started into a flood sees only queued latencies, and would take
+            # them for its baseline: the first probe comes early (and is skipped if
+            # the load is light or under the floor).
+            self._next_probe = now + min(self.probe_interval_s, 10 * self.window_s)
             return False
         if now < end:
             return False
