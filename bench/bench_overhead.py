@@ -9,7 +9,14 @@ request path adds shows. Three servers share one SQLite file and run side by sid
   ``all_on`` / ``metrics_off`` is what recording and exporting metrics costs;
 * ``bare``: :mod:`bench.bare_app`, plain aiohttp with the read on the event loop and
   no logging;
-* ``bare_thread`` (for reference): the bare app with the read on a worker thread.
+* ``bare_thread`` (for reference): the bare app with the read on a worker thread;
+* ``on_asyncio``: ``all_on`` on the stdlib event loop (``server.uvloop = false``);
+* with ``--before TREE``, ``before_on`` and ``before_off``: the same two configs run from
+  another source tree (an unpacked older commit laid out as an import path: TREE/ballast
+  is its framework/, TREE/ballast/plugins its plugins/), for before/after in one run.
+
+"Default plugins" means the default config: whatever plugins it enables, now and as
+more are added; "all off" disables every builtin plugin.
 
 Ballast's stdout (one canonical JSON line per request) goes to a file, as it would in
 production; the bare app logs nothing. Each round runs wrk against every server in
@@ -35,6 +42,7 @@ from bench.common import (
     PYTHON,
     ServerProcess,
     WorkDir,
+    ballast_env,
     ballast_server,
     cpu_seconds,
     free_port,
@@ -47,7 +55,7 @@ from bench.common import (
 )
 
 SESSION = "bench-overhead"
-TARGET_VS_OFF = 0.90
+TARGET_VS_OFF = 0.92
 TARGET_VS_BARE = 0.75
 
 
@@ -77,7 +85,7 @@ def raw_get(url: str) -> bytes:
 
 
 def run(rounds: int, duration: float, connections: int, threads: int,
-        bare: bool = True) -> dict[str, Any]:
+        bare: bool = True, before: str | None = None) -> dict[str, Any]:
     info = machine()  # taken before the run: date and load average at its start
     with WorkDir("overhead") as work:
         db = work / "bench.db"
@@ -89,7 +97,21 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_off": ballast_server(db, plugins_on=False, stdout=work / "all_off.log"),
             "metrics_off": ballast_server(db, stdout=work / "metrics_off.log",
                                           extra_env={"BALLAST__PLUGINS__METRICS__ENABLED": "false"}),
+            "on_asyncio": ballast_server(db, stdout=work / "on_asyncio.log",
+                                         extra_env={"BALLAST__SERVER__UVLOOP": "false"}),
         }
+        if before:
+            for name, on in (("before_on", True), ("before_off", False)):
+                port = free_port()
+                code = (f"import sys; sys.path.insert(0, {before!r}); "
+                        "from ballast.cli import main; sys.exit(main())")
+                env = ballast_env(db, port, plugins_on=on)
+                for key in [k for k in env if k.startswith("BALLAST__PLUGINS__")]:
+                    plugin = key.split("__")[2].lower()  # a plugin the older tree lacks
+                    if not (Path(before) / "ballast" / "plugins" / f"{plugin}.py").exists():
+                        del env[key]
+                servers[name] = ServerProcess(
+                    [PYTHON, "-c", code, "serve"], port=port, stdout=work / f"{name}.log", env=env)
         for mode in ("loop", "thread") if bare else ():
             port = free_port()
             name = "bare" if mode == "loop" else "bare_thread"
@@ -136,6 +158,11 @@ def run(rounds: int, duration: float, connections: int, threads: int,
     def ratio(a: str, b: str) -> float:
         return median([row[a]["rps"] / row[b]["rps"] for row in per_round])
 
+    def cpu_ratio(a: str, b: str) -> float:
+        """Requests per CPU-second of ``a`` over ``b``: steadier than rps on a busy machine."""
+        return round(median([row[b]["cpu_us_per_request"] / row[a]["cpu_us_per_request"]
+                             for row in per_round]), 3)
+
     errors = {name: sum(row[name]["errors"] for row in per_round) for name in names}
     if not bare:  # --without-bare: only the ballast servers, compared with each other
         return {
@@ -171,6 +198,17 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_on_vs_bare_thread": round(ratio("all_on", "bare_thread"), 3),
             "all_off_vs_bare": round(ratio("all_off", "bare"), 3),
             "all_on_vs_metrics_off": round(ratio("all_on", "metrics_off"), 3),
+            "all_on_vs_on_asyncio": round(ratio("all_on", "on_asyncio"), 3),
+            **({"before_on_vs_before_off": round(ratio("before_on", "before_off"), 3),
+                "all_on_vs_before_on": round(ratio("all_on", "before_on"), 3),
+                "all_off_vs_before_off": round(ratio("all_off", "before_off"), 3)} if before else {}),
+        },
+        "cpu_ratios": {
+            "all_on_vs_all_off": cpu_ratio("all_on", "all_off"),
+            "all_on_vs_bare": cpu_ratio("all_on", "bare"),
+            "all_on_vs_on_asyncio": cpu_ratio("all_on", "on_asyncio"),
+            **({"before_on_vs_before_off": cpu_ratio("before_on", "before_off"),
+                "all_on_vs_before_on": cpu_ratio("all_on", "before_on")} if before else {}),
         },
         "targets": {
             "all_on_vs_all_off": {"target": f">= {TARGET_VS_OFF}", "measured": round(on_off, 3),
@@ -190,18 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--before", help="a source tree to run as before_on / before_off")
     parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
     parser.add_argument("--without-bare", action="store_true",
                         help="only the ballast servers (implies --no-write)")
     args = parser.parse_args(argv)
-    result = run(args.rounds, args.duration, args.connections, args.threads, bare=not args.without_bare)
+    result = run(args.rounds, args.duration, args.connections, args.threads,
+                 bare=not args.without_bare, before=args.before)
     if args.without_bare:
         print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios")},
                          indent=2))
         return 0
     if not args.no_write:
         write_result("overhead", result)
-    print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios", "targets")},
+    print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios",
+                                             "cpu_ratios", "targets")},
                      indent=2))
     return 0
 

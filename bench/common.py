@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from ballast.plugin_manager import BUILTIN_PLUGINS
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -34,7 +36,9 @@ PYTHON = sys.executable
 BALLAST = str(Path(PYTHON).with_name("ballast"))
 
 #: Every builtin plugin, for switching them all off by environment.
-PLUGINS = ("error_sanitizer", "retry", "timeout_budget", "queue_logging", "bulkhead", "shared_client")
+#: Every builtin plugin, so "all off" stays all off as plugins are added; "all on" is the
+#: default config, whatever it enables.
+PLUGINS = tuple(name for name, _ in BUILTIN_PLUGINS)
 
 
 # ---------------------------------------------------------------------- the machine

@@ -52,16 +52,31 @@ def remaining() -> float | None:
     return None if d is None else d.remaining()
 
 
-@contextmanager
-def deadline_scope(deadline: Deadline) -> Iterator[Deadline]:
-    """Put ``deadline`` in force for the block; an outer, earlier deadline still wins."""
-    outer = _current.get()
-    effective = deadline if outer is None or deadline.at < outer.at else outer
-    token = _current.set(effective)
-    try:
-        yield effective
-    finally:
-        _current.reset(token)
+class deadline_scope:
+    """``with deadline_scope(d) as effective:`` put ``d`` in force for the block; an
+    outer, earlier deadline still wins (``effective`` is the one in force).
+
+    A class rather than a generator-based context manager: every request enters one,
+    and the generator's creation and stepping cost more than the scope's work.
+    """
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, deadline: Deadline) -> None:
+        self._deadline = deadline
+        self._token: contextvars.Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline:
+        outer = _current.get()
+        deadline = self._deadline
+        effective = deadline if outer is None or deadline.at < outer.at else outer
+        self._token = _current.set(effective)
+        return effective
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
 
 
 @contextmanager

@@ -110,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _fail(f"server: cannot listen on {server.host}:{server.port}: "
                          f"{exc.strerror or type(exc).__name__}", 1)
     try:
-        asyncio.run(_serve(config, plugins, worker=args.worker_index))
+        with asyncio.Runner(loop_factory=_loop_factory(server.uvloop)) as runner:
+            runner.run(_serve(config, plugins, worker=args.worker_index))
     except StoreError as exc:  # the database cannot be opened: say why, without a traceback
         return _fail(f"storage: {redact_url(exc.internal)}", 1)
     except OSError as exc:  # the address is taken or not ours to bind
@@ -139,6 +140,17 @@ def exposure_refusal(config: Config, plugins: Plugins) -> str | None:
             "([plugins.auth] enabled = true, keys from `ballast keys create`), bind to "
             "127.0.0.1, or set server.allow_unauthenticated = true to serve without "
             "authentication on purpose.")
+
+
+def _loop_factory(use_uvloop: bool) -> Any:
+    """uvloop's event loop when wanted and installed, else the stdlib's (None)."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 # ------------------------------------------------------------------------------ plugins / config

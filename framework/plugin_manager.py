@@ -38,6 +38,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("auth", "ballast.plugins.auth"),
     ("metrics", "ballast.plugins.metrics"),
     ("tracing", "ballast.plugins.tracing"),
+    ("adaptive_concurrency", "ballast.plugins.adaptive_concurrency"),
 )
 
 

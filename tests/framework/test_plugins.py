@@ -30,7 +30,11 @@ def _plugins_json(*args: str, env: dict[str, str] | None = None) -> dict[str, di
 def test_plugins_json_lists_every_builtin_in_its_default_state_with_settings() -> None:
     rows = _plugins_json()
     assert set(BUILTINS) <= set(rows)
-    assert len(BUILTINS) >= 6 and not ON_BY_DEFAULT["fallback"] and not ON_BY_DEFAULT["auth"]
+    # Both rounds' builtins, and which of them ship disabled.
+    assert set(BUILTINS) == {"error_sanitizer", "timeout_budget", "retry", "shared_client", "bulkhead",
+                             "queue_logging", "circuit_breaker", "fallback", "auth", "metrics", "tracing",
+                             "adaptive_concurrency"}
+    assert {n for n, on in ON_BY_DEFAULT.items() if not on} == {"fallback", "auth", "tracing"}
     for name in BUILTINS:
         assert rows[name]["enabled"] is ON_BY_DEFAULT[name]
         assert rows[name]["source"] == "builtin"

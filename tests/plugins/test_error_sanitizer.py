@@ -502,7 +502,7 @@ async def test_hook_ballast_middlewares(tmp_path: Path, aiohttp_client: AiohttpC
     specs = [s for group in groups for s in group]
     by_order = sorted(specs, key=lambda s: s.order)
     assert [(s.name, s.order) for s in by_order] == [
-        ("error_sanitizer", 100), ("boom", 150), ("timeout_budget", 200)]
+        ("error_sanitizer", 100), ("boom", 150), ("adaptive_concurrency", 150), ("timeout_budget", 200)]
 
     [own] = error_sanitizer.ballast_middlewares(config=config)
     assert (own.name, own.order) == ("error_sanitizer", error_sanitizer.ORDER)

@@ -1,0 +1,424 @@
+"""adaptive_concurrency: a limit on requests in flight, learnt from their latency.
+
+The bulkhead bounds threads, but nothing else bounds the requests in flight on the
+event loop: past capacity every request waits longer, clients time out and retry, and
+the overload feeds itself. This plugin admits a request only while fewer than
+``limit`` are in flight, and answers the rest at once, before their body is read, with
+a 503 problem and ``Retry-After``. A refusal costs a few microseconds; serving late
+costs everyone.
+
+The limit is adapted by :class:`GradientLimit` (a pure class, driven by the times and
+latencies it is given) in the manner of Envoy's adaptive concurrency filter and
+Netflix's Gradient2:
+
+* every window (``window_ms``) the median latency of the requests that finished in it
+  is the *short-term* latency; the *baseline* is the latency without queueing, the
+  lowest window median seen, re-measured periodically;
+* ``gradient = tolerance * max(baseline, latency_floor) / short`` (clamped to 0.5..2):
+  below 1 the requests are queueing, so the limit shrinks; above 1 there is room, and
+  the limit grows, but only if the load actually used at least half of it (an idle
+  server does not learn that it could take a thousand requests). The floor is there
+  for group commit: a 1 ms baseline tripling to 3 ms as 64 writers share each fsync is
+  batching, which buys throughput, not queueing worth refusing anyone for;
+* ``new = limit * gradient`` when shrinking, ``limit * gradient + sqrt(limit)`` when
+  growing (the square root lets a limit at the line still probe upward), smoothed and
+  clamped to ``min_limit..max_limit``; the limit so settles where the latency is about
+  ``tolerance`` times the baseline;
+* a request refused downstream for capacity (the bulkhead's 503) or cancelled by its
+  time budget (504) is a *drop*: the window's limit is cut by a fifth, whatever the
+  latency says, so the next excess is refused at the door, cheaply, instead of after
+  its body was read and parsed, or after it used most of its budget;
+* baseline refresh: while the load is light (at most ``min_limit`` in flight) every
+  window is a measurement of the unloaded latency, and the baseline follows it. Under
+  sustained load the baseline could only be re-learnt by lowering the concurrency, so
+  every ``probe_interval_s`` (the first time after ten windows, in case the server
+  started into a flood) the limit is pinned to ``min_limit`` until enough requests have
+  finished at that concurrency (Envoy's minRTT recalculation); the limit
+  then goes back to where it was. While latency is under ``tolerance`` times the
+  floor the baseline decides nothing, and no probe is made.
+
+Priorities: requests are classified once per route. ``/healthz``, ``/readyz`` and
+``/metrics`` are never shed, counted or measured. Others are admitted while the
+requests in flight are under their class's share of the limit: mutation ingest 100 %,
+reads and session creation 90 %, resolve and finalize (work that can wait or be
+retried later) 75 %. So, as load rises, background work is shed first and ingest last.
+A long-poll (a request with a ``wait`` query parameter) waits on an event rather than
+on the server's capacity: it is admitted at the lowest share but neither occupies a
+slot nor is measured.
+
+Disabled: every request is admitted; past capacity, latency grows for everyone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from pydantic import Field, model_validator
+
+from ballast.config import Config, PluginSection
+from ballast.errors import BudgetExceeded, Overloaded
+from ballast.hookspecs import hookimpl
+from ballast.keys import REQUEST_ID
+from ballast.logging import get_logger
+from ballast.middleware import Handler, Middleware, MiddlewareSpec
+from ballast.problems import problem_response
+from ballast.telemetry import Telemetry
+
+ORDER = 150  # inside the sanitizer, outside the timeout budget: a refusal starts no timer
+log = get_logger("ballast.admission")
+
+#: Paths never shed, counted or measured: the operator's view of a struggling server.
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+#: Share of the limit each priority class may fill; the highest share is shed last.
+SHARES: dict[str, float] = {"ingest": 1.0, "standard": 0.9, "deferrable": 0.75}
+_DEFERRABLE_SUFFIXES = ("/resolve", "/finalize")
+
+
+class Settings(PluginSection):
+    min_limit: int = Field(8, ge=1, le=100_000, description="the limit never goes below this")
+    max_limit: int = Field(1000, ge=1, le=100_000, description="the limit never goes above this")
+    initial_limit: int = Field(64, ge=1, le=100_000, description="the limit at start-up")
+    tolerance: float = Field(1.5, ge=1.0, le=10.0,
+                             description="latency over the baseline tolerated before the limit shrinks")
+    latency_floor_ms: float = Field(
+        25.0, ge=0.0, le=60_000.0,
+        description="latency never treated as queueing: below tolerance x this, the limit never shrinks")
+    window_ms: int = Field(100, ge=10, le=60_000, description="how often the limit is recomputed")
+    probe_interval_s: float = Field(
+        30.0, ge=1.0, le=3600.0,
+        description="under sustained load, how often the unloaded latency is re-measured")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with a refusal")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Settings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("need min_limit <= initial_limit <= max_limit")
+        return self
+
+
+class GradientLimit:
+    """The adaptive limit. Pure: it reads no clock; callers pass ``now`` (seconds).
+
+    ``try_acquire(share)`` before a request, ``release(now, latency)`` after it. The
+    limit is recomputed when a release crosses the end of a window.
+    """
+
+    __slots__ = (
+        "_drops",
+        "_long_samples",
+        "_next_probe",
+        "_peak",
+        "_probe",
+        "_samples",
+        "_saved_limit",
+        "_seen",
+        "_window_end",
+        "baseline",
+        "floor_s",
+        "in_flight",
+        "limit",
+        "max_limit",
+        "min_limit",
+        "min_samples",
+        "probe_interval_s",
+        "probe_samples",
+        "short",
+        "smoothing",
+        "tolerance",
+        "value",
+        "window_s",
+    )
+
+    def __init__(self, *, min_limit: int = 8, max_limit: int = 1000, initial_limit: int = 64,
+                 tolerance: float = 1.5, window_s: float = 0.1, smoothing: float = 0.3, floor_s: float = 0.0,
+                 min_samples: int = 8, probe_interval_s: float = 30.0, probe_samples: int = 32) -> None:
+        if not 1 <= min_limit <= initial_limit <= max_limit:
+            raise ValueError("need 1 <= min_limit <= initial_limit <= max_limit")
+        if tolerance < 1 or window_s <= 0 or not 0 < smoothing <= 1:
+            raise ValueError("need tolerance >= 1, window_s > 0, 0 < smoothing <= 1")
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.tolerance = tolerance
+        self.floor_s = floor_s
+        self.window_s = window_s
+        self.smoothing = smoothing
+        self.min_samples = min_samples
+        self.probe_interval_s = probe_interval_s
+        self.probe_samples = probe_samples
+        self.value = float(initial_limit)  # the limit before rounding
+        self.limit = initial_limit
+        self.in_flight = 0
+        self.baseline: float | None = None  # unloaded latency estimate, seconds
+        self.short: float | None = None     # the last window's median latency
+        self._samples: list[float] = []
+        self._long_samples: list[float] = []  # a probe's samples, across windows
+        self._peak = 0
+        self._drops = 0
+        self._seen = 0
+        self._window_end: float | None = None
+        self._next_probe: float | None = None
+        self._probe = ""  # "" | "draining" | "measuring"
+        self._saved_limit = float(initial_limit)
+
+    # -- per request ------------------------------------------------------------------
+
+    def try_acquire(self, share: float = 1.0) -> bool:
+        """Take a slot if fewer than ``share`` of the limit are in flight."""
+        if self.in_flight >= self.limit * share:
+            return False
+        self.in_flight += 1
+        if self.in_flight > self._peak:
+            self._peak = self.in_flight
+        return True
+
+    def over(self, share: float) -> bool:
+        """Would a request of this share be refused now? (For requests holding no slot.)"""
+        return self.in_flight >= self.limit * share
+
+    def release(self, now: float, latency: float | None, *, dropped: bool = False) -> bool:
+        """Give the slot back; ``latency`` None for a request not to be measured.
+
+        Returns True when this release ended a window (the limit may have changed).
+        """
+        self.in_flight -= 1
+        return self.record(now, latency, dropped=dropped)
+
+    def record(self, now: float, latency: float | None, *, dropped: bool = False) -> bool:
+        if dropped:
+            self._drops += 1
+        elif latency is not None:
+            samples = self._samples
+            self._seen += 1
+            if len(samples) < 1024:
+                samples.append(latency)
+            else:  # a bounded window; overwrite in turn so late samples still count
+                samples[self._seen % 1024] = latency
+        end = self._window_end
+        if end is None:
+            self._window_end = now + self.window_s
+            # A server started into a flood sees only queued latencies, and would take
+            # them for its baseline: the first probe comes early (and is skipped if
+            # the load is light or under the floor).
+            self._next_probe = now + min(self.probe_interval_s, 10 * self.window_s)
+            return False
+        if now < end:
+            return False
+        return self._close_window(now)
+
+    # -- per window -------------------------------------------------------------------
+
+    def _close_window(self, now: float) -> bool:
+        if len(self._samples) < self.min_samples and not self._drops:
+            return False  # too few to judge: let the window run on
+        samples, drops, peak = self._samples, self._drops, self._peak
+        self._samples, self._drops, self._peak, self._seen = [], 0, self.in_flight, 0
+        self._window_end = now + self.window_s
+        short = _median(samples) if samples else None
+        self.short = short
+        if self._probe:
+            self._step_probe(now, samples)
+            return True
+        # Light load (at most min_limit in flight, and under half the limit, so nothing
+        # queued at the door) measures the unloaded latency directly: no probe needed.
+        light = peak <= self.min_limit and peak * 2 <= self.value
+        if short is not None and (self.baseline is None or short < self.baseline or light):
+            self.baseline = short
+            if light:
+                self._next_probe = now + self.probe_interval_s
+        if drops:
+            target = self.value * 0.8
+        elif short is None or self.baseline is None:
+            return True
+        else:
+            reference = max(self.baseline, self.floor_s)
+            gradient = min(2.0, max(0.5, self.tolerance * reference / short))
+            if gradient < 1.0:
+                target = self.value * gradient  # queueing: shrink in proportion
+            elif peak * 2 < self.value:
+                target = self.value  # app-limited: the load never tested this limit
+            else:  # room: grow, by at least sqrt(limit) so a limit at the line still probes up
+                target = self.value * gradient + math.sqrt(self.value)
+        self._set(self.value + self.smoothing * (target - self.value) if not drops else target)
+        if self._next_probe is not None and now >= self._next_probe:
+            if short is None or short <= self.tolerance * self.floor_s:
+                # Under the floor the baseline decides nothing: no need to refuse
+                # anyone to re-measure it.
+                self._next_probe = now + self.probe_interval_s
+                return True
+            self._probe = "draining"
+            self._saved_limit = self.value
+            self.limit = self.min_limit
+        return True
+
+    def _step_probe(self, now: float, samples: list[float]) -> None:
+        if self._probe == "draining":
+            # Requests admitted before the probe still run at the old concurrency.
+            if self.in_flight <= self.min_limit:
+                self._probe = "measuring"
+                self._long_samples = []
+            return
+        self._long_samples.extend(samples)
+        if len(self._long_samples) < self.probe_samples:
+            return
+        self.baseline = _median(self._long_samples)
+        self._long_samples = []
+        self._probe = ""
+        self._next_probe = now + self.probe_interval_s
+        self._set(self._saved_limit)
+
+    def _set(self, value: float) -> None:
+        self.value = min(float(self.max_limit), max(float(self.min_limit), value))
+        self.limit = int(self.value)
+
+    @property
+    def probing(self) -> bool:
+        return bool(self._probe)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _share_of(method: str, route: str) -> float:
+    if method == "POST" and route.endswith("/mutations"):
+        return SHARES["ingest"]
+    if route.endswith(_DEFERRABLE_SUFFIXES) and method == "POST":
+        return SHARES["deferrable"]
+    return SHARES["standard"]
+
+
+class Admission:
+    """The middleware and its bookkeeping: shed counts, sampled log lines, metrics."""
+
+    def __init__(self, limiter: GradientLimit, *, retry_after_s: int = 1,
+                 telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limiter = limiter
+        self.retry_after = str(retry_after_s)
+        self.clock = clock
+        self.shed_total = 0
+        self._unlogged = 0
+        self._last_shed_line = -math.inf
+        self._last_limit_line = -math.inf
+        self._last_shed_route = ""
+        self._logged_limit = limiter.limit
+        self._routes: dict[object, tuple[float, str]] = {}
+        telemetry = telemetry or Telemetry()
+        self._shed_metric = telemetry.counter("ballast_load_shed_total")
+        telemetry.gauge("ballast_concurrency_limit").sample(lambda: float(limiter.limit))
+        telemetry.gauge("ballast_http_requests_in_flight").sample(lambda: float(limiter.in_flight))
+
+    def _classify(self, request: web.Request) -> tuple[float, str]:
+        """(share of the limit, route template); share 0 for a route never shed."""
+        resource = request.match_info.route.resource
+        if resource is None:
+            return SHARES["standard"], "(unmatched)"
+        route = resource.canonical
+        if route in EXEMPT_PATHS:
+            return 0.0, route
+        return _share_of(request.method, route), route
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Classified once per route object (a matched route is one object for the app's
+        # life; an unmatched request gets a fresh one, so it is classified each time).
+        key = request.match_info.route
+        entry = self._routes.get(key)
+        if entry is None:
+            entry = self._classify(request)
+            if key.resource is not None:
+                self._routes[key] = entry
+        share, route = entry
+        if not share:
+            return await handler(request)
+        limiter = self.limiter
+        if request.query_string and "wait" in request.query:
+            # A long-poll parks on an event: it costs no capacity while it waits.
+            if limiter.over(SHARES["deferrable"]):
+                return self._shed(request, route)
+            return await handler(request)
+        if not limiter.try_acquire(share):
+            return self._shed(request, route)
+        clock = self.clock
+        started = clock()
+        dropped = False
+        measured = True
+        try:
+            response = await handler(request)
+            status = response.status
+            dropped = status == 503 or status == 504
+            return response
+        except (Overloaded, BudgetExceeded):
+            dropped = True
+            raise
+        except BaseException:
+            measured = False  # a failure or a client that left says nothing about load
+            raise
+        finally:
+            now = clock()
+            if limiter.release(now, now - started if measured else None, dropped=dropped):
+                self._window_closed(now)
+            elif self._unlogged and now - self._last_shed_line >= 1.0:
+                self._log_shed(now)
+
+    def _shed(self, request: web.Request, route: str) -> web.Response:
+        self.shed_total += 1
+        self._unlogged += 1
+        self._last_shed_route = route
+        self._shed_metric.inc(route)
+        now = self.clock()
+        if now - self._last_shed_line >= 1.0:
+            self._log_shed(now)
+        return problem_response(
+            503, "Service overloaded", "The server is at capacity; retry after the time in Retry-After.",
+            request.get(REQUEST_ID, ""), headers={"Retry-After": self.retry_after})
+
+    def _log_shed(self, now: float) -> None:
+        """One line for every shed since the last one: ``count`` of them, the latest's route."""
+        lim = self.limiter
+        log.warning("load.shed", count=self._unlogged, total=self.shed_total, route=self._last_shed_route,
+                    limit=lim.limit, in_flight=lim.in_flight, kind="overloaded")
+        self._unlogged = 0
+        self._last_shed_line = now
+
+    def _window_closed(self, now: float) -> None:
+        lim = self.limiter
+        moved = abs(lim.limit - self._logged_limit) >= max(2, self._logged_limit // 5)
+        if moved and now - self._last_limit_line >= 1.0:
+            log.info("load.limit", limit=lim.limit, previous=self._logged_limit, in_flight=lim.in_flight,
+                     baseline_ms=_ms(lim.baseline), latency_ms=_ms(lim.short), probing=lim.probing)
+            self._logged_limit = lim.limit
+            self._last_limit_line = now
+        if self._unlogged and now - self._last_shed_line >= 1.0:
+            self._log_shed(now)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def admission(settings: Settings, telemetry: Telemetry | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Admission:
+    limiter = GradientLimit(min_limit=settings.min_limit, max_limit=settings.max_limit,
+                            initial_limit=settings.initial_limit, tolerance=settings.tolerance,
+                            floor_s=settings.latency_floor_ms / 1000,
+                            window_s=settings.window_ms / 1000, probe_interval_s=settings.probe_interval_s)
+    return Admission(limiter, retry_after_s=settings.retry_after_s, telemetry=telemetry, clock=clock)
+
+
+@hookimpl
+def ballast_settings_model() -> type[PluginSection]:
+    return Settings
+
+
+@hookimpl
+def ballast_middlewares(config: Config, telemetry: Telemetry) -> list[MiddlewareSpec]:
+    s: Settings = config.plugin("adaptive_concurrency")
+    mw: Middleware = admission(s, telemetry)
+    return [MiddlewareSpec("adaptive_concurrency", ORDER, mw)]
