@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 from ballast.errors import BudgetExceeded
 
+#: Timers do not fire on ``time.monotonic()`` exactly: uvloop's (libuv's) clock is cached
+#: once per loop iteration in whole milliseconds, so a timeout set to end at a deadline
+#: can fire up to a millisecond before ``time.monotonic()`` reaches it. Whether a failure
+#: came *from* the deadline is decided with this much slack.
+TIMER_SLACK_S = 0.005
+
 
 @dataclass(frozen=True, slots=True)
 class Deadline:
@@ -34,6 +40,11 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining() <= 0
+
+    def spent(self) -> bool:
+        """Expired, or within a timer's granularity of it (:data:`TIMER_SLACK_S`): a
+        failure now (an attempt timed out, no time left to retry) is the budget's doing."""
+        return self.remaining() <= TIMER_SLACK_S
 
     def check(self, what: str = "operation") -> None:
         """Raise :class:`BudgetExceeded` if the deadline has passed."""

@@ -85,7 +85,7 @@ class enforced:
         if isinstance(exc, TimeoutError):
             if timeout.expired():
                 raise BudgetExceeded(internal=self._describe()) from None
-        elif isinstance(exc, UpstreamError) and self._deadline.expired():
+        elif isinstance(exc, UpstreamError) and self._deadline.spent():
             raise BudgetExceeded(internal=self._describe()) from exc
 
 
@@ -157,7 +157,7 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
                     raise exceeded(request) from None
                 raise
             except UpstreamError as exc:
-                if deadline.expired():
+                if deadline.spent():
                     raise exceeded(request) from exc
                 raise
             finally:

@@ -104,7 +104,7 @@ def test_supervisor_refuses_a_port_taken_by_another_program(tmp_path: Path) -> N
         server = ServerProcess(tmp_path, env={"BALLAST__SERVER__WORKERS": "2"}, port=port)
         with pytest.raises(RuntimeError, match="exited with 1"):
             server.start(timeout=10)
-        assert "cannot bind 127.0.0.1" in server.err_path.read_text()
+        assert "cannot listen on 127.0.0.1" in server.err_path.read_text()
     finally:
         holder.close()
 

@@ -99,8 +99,11 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         # (the circuit breaker, the retry budget) are off here, or the sustained faults
         # would open the breaker and spend the budget (tests/reliability/test_outage.py
         # covers them).
+        # finalize_ms: a job makes two logical calls here (reconcile names the unnamed
+        # speakers, then the report), each allowed its full attempts and waits.
         server = ServerProcess(work, config=openai_config(
-                                   fake.base_url, extra="[plugins.circuit_breaker]\nenabled = false\n")
+                                   fake.base_url, finalize_ms=12000,
+                                   extra="[plugins.circuit_breaker]\nenabled = false\n")
                                + auth_config,
                                env={API_KEY_ENV: SECRET_API_KEY, "BALLAST__PLUGINS__RETRY__BUDGET": "false",
                                     "BALLAST__SERVER__WORKERS": str(workers)})
