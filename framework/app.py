@@ -177,7 +177,7 @@ def build_app(config: Config, plugins: Plugins | None = None) -> web.Application
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    from ballast.openapi import openapi_handler
+    from ballast.sessions.openapi import openapi_handler
     from ballast.sessions.routes import setup_sessions
 
     app.router.add_get("/openapi.json", openapi_handler)

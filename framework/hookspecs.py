@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
     from ballast.config import Config
     from ballast.executor import BlockingExecutor
+    from ballast.inference import InferenceWrapper, RunBlocking
     from ballast.jobs import StageWrapper
     from ballast.middleware import MiddlewareSpec
     from ballast.resilience import UpstreamRegistry
-    from ballast.sessions.inference import InferenceWrapper, RunBlocking
     from ballast.telemetry import Telemetry
     from ballast.upstream import AttemptWrapperSpec, ClientProvider, UpstreamCall, UpstreamWrapper
 
@@ -145,10 +145,10 @@ def ballast_inference_wrappers(config: Config, telemetry: Telemetry,
     """Wrappers around the inference provider (resolve and report), called once at build.
 
     A wrapper is ``(provider) -> provider`` over
-    :class:`ballast.sessions.inference.InferenceProvider`: it sees each operation's
+    :class:`ballast.inference.InferenceProvider`: it sees each operation's
     input and its reply or error, and may answer otherwise (the ``fallback`` plugin
     answers with the builtin provider, marking the reply degraded with
-    :func:`ballast.sessions.inference.mark_degraded`).
+    :func:`ballast.inference.mark_degraded`).
 
     :param run_blocking: runs blocking work on the app's executor (what the builtin
         provider needs).

@@ -9,7 +9,7 @@ and always answers. This plugin wraps the inference provider (hook
 circuit breaker or the cooldown), it asks the builtin provider instead.
 
 A fallback answer is never passed off as the real thing: it is marked degraded
-(:func:`ballast.sessions.inference.mark_degraded`), and the session service shows the
+(:func:`ballast.inference.mark_degraded`), and the session service shows the
 mark: the resolve response carries ``X-Ballast-Degraded: inference`` and
 ``"degraded": true``, the report ``"degraded": true`` (and the header when it is read).
 Each use is logged as ``fallback.used`` (operation, kind) and counted in
@@ -33,9 +33,7 @@ from pydantic import Field
 from ballast.config import Config, PluginSection
 from ballast.errors import UpstreamError
 from ballast.hookspecs import hookimpl
-from ballast.logging import get_logger
-from ballast.sessions.builtin import BuiltinProvider
-from ballast.sessions.inference import (
+from ballast.inference import (
     InferenceProvider,
     InferenceWrapper,
     ReportInput,
@@ -45,6 +43,8 @@ from ballast.sessions.inference import (
     RunBlocking,
     mark_degraded,
 )
+from ballast.logging import get_logger
+from ballast.sessions.builtin import BuiltinProvider
 from ballast.telemetry import Counter, Telemetry
 
 log = get_logger("ballast.fallback")

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ballast.sessions.inference import (
+from ballast.inference import (
     ActionItemReply,
     ReportInput,
     ReportReply,

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ballast.errors import Overloaded, UpstreamError
+from ballast.inference import InferenceProvider, ResolveInput
 from ballast.logging import get_logger
 from ballast.sessions.analysis import SessionState
-from ballast.sessions.inference import InferenceProvider, ResolveInput
 
 log = get_logger("ballast.finalize")
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from ballast.errors import UpstreamError
-from ballast.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply, RunBlocking
+from ballast.inference import ReportInput, ReportReply, ResolveInput, ResolveReply, RunBlocking
 from ballast.sessions.models import MAX_NAME
 from ballast.sessions.prompts import MAX_PROMPT_CHARS, report_prompt, resolve_prompt, window_rows
 from ballast.sessions.transcript import read_window

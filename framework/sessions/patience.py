@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from ballast.executor import BlockingExecutor
+from ballast.inference import RunBlocking
 from ballast.sessions.finalize import until_capacity
-from ballast.sessions.inference import RunBlocking
 
 _patient: contextvars.ContextVar[bool] = contextvars.ContextVar("ballast_patient", default=False)
 

@@ -3,7 +3,7 @@
 The prompt is bounded (``MAX_PROMPT_CHARS``) and built deterministically, so the same
 session always sends the same request. Its cost is bounded too: only the two ends of a
 transcript can appear in it, so only the two ends are read (a
-:class:`~ballast.sessions.inference.TranscriptWindow` of at most
+:class:`~ballast.inference.TranscriptWindow` of at most
 :func:`window_rows` utterances), whatever the session's length, and the provider builds
 the prompt in a worker thread, off the event loop.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ballast.sessions.inference import ReportInput, ResolveInput, TranscriptWindow
+from ballast.inference import ReportInput, ResolveInput, TranscriptWindow
 from ballast.sessions.transcript import sequence_window
 
 #: Upper bound on the user message, in characters (roughly 6k tokens).

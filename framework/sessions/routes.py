@@ -19,13 +19,13 @@ import orjson
 from aiohttp import web
 
 from ballast.errors import ClientError, ConfigError, NotFound
+from ballast.inference import DEGRADED_HEADER, InferenceProvider, wrap_provider
 from ballast.keys import CONFIG, EXECUTOR, PLUGINS, STATE, TELEMETRY, UPSTREAM, tenant_of
 from ballast.logging import get_logger, register_secret
 from ballast.problems import read_json, read_model, validate
 from ballast.sessions import models as m
 from ballast.sessions.backends import make_store
 from ballast.sessions.builtin import BuiltinProvider
-from ballast.sessions.inference import DEGRADED_HEADER, InferenceProvider, wrap_provider
 from ballast.sessions.patience import run_blocking_for
 from ballast.sessions.service import SessionService
 

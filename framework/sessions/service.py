@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 from ballast import budget
 from ballast.errors import Conflict, NotFound, UpstreamError
 from ballast.executor import BlockingExecutor
+from ballast.inference import InferenceProvider, ReportInput, ResolveInput
 from ballast.jobs import JobContext, StageWrapper
 from ballast.logging import get_logger
 from ballast.resilience import republished
 from ballast.sessions import analysis
 from ballast.sessions.finalize import STAGES, FinalizeRunner, until_capacity
-from ballast.sessions.inference import InferenceProvider, ReportInput, ResolveInput
 from ballast.sessions.naming import Naming, name_unnamed
 from ballast.sessions.patience import patient
 from ballast.sessions.people import names_by_label

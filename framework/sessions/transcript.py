@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ballast.sessions.inference import TranscriptSource, TranscriptWindow, Utterance
+from ballast.inference import TranscriptSource, TranscriptWindow, Utterance
 from ballast.sessions.store import Store
 
 _UTTERANCE = "utterance"

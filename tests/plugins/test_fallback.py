@@ -12,18 +12,18 @@ from structlog.testing import capture_logs
 from ballast.config import load_settings
 from ballast.errors import UpstreamError
 from ballast.executor import LoopDefaultExecutor
-from ballast.plugin_manager import load_plugins
-from ballast.plugins import fallback
-from ballast.plugins.fallback import FallbackProvider, Settings
-from ballast.resilience import UpstreamRefused
-from ballast.sessions.builtin import BuiltinProvider
-from ballast.sessions.inference import (
+from ballast.inference import (
     ReportInput,
     ReportReply,
     ResolveInput,
     ResolveReply,
     wrap_provider,
 )
+from ballast.plugin_manager import load_plugins
+from ballast.plugins import fallback
+from ballast.plugins.fallback import FallbackProvider, Settings
+from ballast.resilience import UpstreamRefused
+from ballast.sessions.builtin import BuiltinProvider
 from ballast.telemetry import Telemetry
 
 UTTERANCES = [("spk_0", 0, 900, "Hello everyone, I'm Alice."),

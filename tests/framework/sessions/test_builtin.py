@@ -13,10 +13,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ballast.inference import InferenceProvider, ReportInput, ReportReply, ResolveInput
 from ballast.sessions import builtin
 from ballast.sessions.analysis import compute_stats, reconcile, replay
 from ballast.sessions.builtin import BuiltinProvider, build_report, resolve_speakers
-from ballast.sessions.inference import InferenceProvider, ReportInput, ReportReply, ResolveInput
 
 Utterance = tuple[str, int, int, str]
 ROOT = Path(__file__).resolve().parents[3]
@@ -290,7 +290,7 @@ def test_report_is_deterministic_in_process() -> None:
 _SCRIPT = """
 import json, sys
 from ballast.sessions.builtin import build_report, resolve_speakers
-from ballast.sessions.inference import ReportInput, ResolveInput
+from ballast.inference import ReportInput, ResolveInput
 words = "budget launch roadmap pricing design hiring review metrics press venue".split()
 utts = []
 for i in range(3000):

@@ -18,7 +18,7 @@ from fake_upstream import INTERNAL_MARKER, FakeUpstream, Step
 
 from ballast import budget
 from ballast.errors import UpstreamError
-from ballast.sessions.inference import ReportInput, ResolveInput
+from ballast.inference import ReportInput, ResolveInput
 from ballast.sessions.openai import (
     MAX_PROMPT_CHARS,
     OpenAIProvider,

@@ -20,7 +20,7 @@ import pytest_asyncio
 from fake_upstream import FakeUpstream, FakeUpstreamProcess
 from support import ServerProcess, request
 
-from ballast.sessions.inference import ReportInput, ResolveInput, Utterance
+from ballast.inference import ReportInput, ResolveInput, Utterance
 from ballast.sessions.openai import OpenAIProvider
 from ballast.sessions.prompts import MAX_PROMPT_CHARS, report_prompt, resolve_prompt, window_rows
 from ballast.sessions.sqlite_store import SQLiteStore

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from ballast.app import build_app
 from ballast.config import load_settings
 from ballast.errors import StoreError
+from ballast.inference import ReportInput, ReportReply, ResolveInput, ResolveReply
 from ballast.keys import EXECUTOR
-from ballast.sessions.inference import ReportInput, ReportReply, ResolveInput, ResolveReply
 from ballast.sessions.routes import SERVICE
 from ballast.sessions.sqlite_store import SQLiteStore
 
