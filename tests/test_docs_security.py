@@ -44,3 +44,14 @@ def test_the_rest_is_named() -> None:
     for name in ("server.allow_unauthenticated", "protect_metrics", "inference.max_response_bytes",
                  "Content-Encoding", "reverse proxy"):
         assert name in text, name
+
+
+@pytest.mark.parametrize("dotted", ["sessions.max_participants", "sessions.max_speaker_labels",
+                                    "sessions.max_mutations", "inference.max_response_bytes"])
+def test_session_and_upstream_limits_are_documented_with_their_defaults(dotted: str) -> None:
+    from ballast.config import Settings
+
+    section, key = dotted.split(".")
+    model = type(getattr(Settings(), section))
+    shown = _rows()[dotted]
+    assert tomllib.loads(f"v = {shown}")["v"] == model.model_fields[key].default
