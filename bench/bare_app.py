@@ -1,13 +1,14 @@
 """The floor for the overhead benchmark: ``GET /v1/sessions/{id}`` with no framework at all.
 
 A plain aiohttp application that reads the same rows from the same SQLite file as
-Ballast's session read (the session row, then its finalize job) and answers the same
-JSON body, with no middleware, no plugins, no validation beyond a missing row, and no
+Ballast's session read (one statement: the session by tenant and id, its participants
+in order, its named speakers and its finalize job) and answers the same JSON body, byte
+for byte, with no middleware, no plugins, no validation beyond a missing row, and no
 logging. ``--read thread`` does the SQLite read on a worker thread (as Ballast does,
 to keep the event loop free); the default runs it on the event loop, the cheapest
 possible way.
 
-    python bench/bare_app.py --db var/ballast.db --port 8090 [--read loop|thread]
+    python bench/bare_app.py --db var/ballast.db --port 8090 [--read loop|thread] [--tenant default]
 """
 
 from __future__ import annotations
@@ -20,26 +21,32 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+# The store's schema version 2 (framework/sessions/sqlite_schema.py): participants and
+# speaker labels are rows keyed by the session's ``pk``; the job's progress is JSON.
 _SESSION = (
-    "SELECT session_id, state, title, participants, mutation_count, last_seq, speakers"
-    " FROM sessions WHERE session_id = ?"
+    "SELECT s.session_id, s.state, s.title, s.mutation_count, s.last_seq,"
+    " (SELECT json_group_array(name) FROM"
+    "   (SELECT name FROM participants WHERE session_pk = s.pk ORDER BY position)),"
+    " (SELECT json_group_object(label, name) FROM speakers WHERE session_pk = s.pk AND name IS NOT NULL),"
+    " j.state, j.attempt, j.progress"
+    " FROM sessions s LEFT JOIN jobs j ON j.session_pk = s.pk"
+    " WHERE s.tenant = ? AND s.session_id = ?"
 )
-_JOB = "SELECT body FROM jobs WHERE session_id = ?"
-_JOB_KEYS = ("state", "attempt", "budget_ms", "elapsed_ms", "stages", "error")
 
 CONN = web.AppKey("conn", sqlite3.Connection)
 
 
-def read_view(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
-    row = conn.execute(_SESSION, (session_id,)).fetchone()
+def read_view(conn: sqlite3.Connection, tenant: str, session_id: str) -> dict[str, Any] | None:
+    row = conn.execute(_SESSION, (tenant, session_id)).fetchone()
     if row is None:
         return None
-    sid, state, title, participants, mutation_count, last_seq, speakers = row
-    job_row = conn.execute(_JOB, (session_id,)).fetchone()
+    sid, state, title, mutation_count, last_seq, participants, speakers, job_state, attempt, progress = row
     job = None
-    if job_row is not None:
-        body = orjson.loads(job_row[0])
-        job = {k: body[k] for k in _JOB_KEYS}
+    if job_state is not None:
+        p = orjson.loads(progress)
+        job = {"state": job_state, "attempt": attempt, "budget_ms": p.get("budget_ms"),
+               "elapsed_ms": p.get("elapsed_ms", 0), "stages": p.get("stages", []),
+               "error": p.get("error")}
     return {
         "session_id": sid, "state": state, "title": title,
         "participants": [{"name": n} for n in orjson.loads(participants)],
@@ -48,7 +55,7 @@ def read_view(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | Non
     }
 
 
-def build(db: str, read: str) -> web.Application:
+def build(db: str, read: str, tenant: str) -> web.Application:
     conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA query_only = ON")
     app = web.Application()
@@ -60,9 +67,9 @@ def build(db: str, read: str) -> web.Application:
     async def get_session(request: web.Request) -> web.Response:
         sid = request.match_info["session_id"]
         if read == "thread":
-            view = await asyncio.to_thread(read_view, conn, sid)
+            view = await asyncio.to_thread(read_view, conn, tenant, sid)
         else:
-            view = read_view(conn, sid)
+            view = read_view(conn, tenant, sid)
         if view is None:
             raise web.HTTPNotFound()
         return web.Response(body=orjson.dumps(view), content_type="application/json")
@@ -77,8 +84,9 @@ def main() -> None:
     parser.add_argument("--db", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--read", choices=("loop", "thread"), default="loop")
+    parser.add_argument("--tenant", default="default", help="the tenant whose sessions are read")
     args = parser.parse_args()
-    web.run_app(build(args.db, args.read), host="127.0.0.1", port=args.port,
+    web.run_app(build(args.db, args.read, args.tenant), host="127.0.0.1", port=args.port,
                 access_log=None, print=None)
 
 

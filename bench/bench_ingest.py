@@ -34,6 +34,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ballast.sessions.sqlite_schema import migrate
 from bench.common import (
     LUA_DIR,
     WorkDir,
@@ -61,11 +62,7 @@ def sqlite_loop(path: Path, duration: float) -> dict[str, Any]:
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("CREATE TABLE mutations (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
-                     " mutation_id TEXT, type TEXT NOT NULL, payload TEXT NOT NULL,"
-                     " PRIMARY KEY (session_id, seq)) WITHOUT ROWID")
-        conn.execute("CREATE UNIQUE INDEX mutations_by_id ON mutations (session_id, mutation_id)"
-                     " WHERE mutation_id IS NOT NULL")
+        migrate(conn, path)  # the store's own schema, whatever its version
         payload = json.dumps({"speaker": "spk_0", "start_ms": 0, "end_ms": 900, "text": TEXT})
         n = 0
         latencies: list[float] = []
@@ -74,8 +71,9 @@ def sqlite_loop(path: Path, duration: float) -> dict[str, Any]:
         now = start
         while now < end:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO mutations VALUES (?, ?, ?, ?, ?)",
-                         (f"s{n % SESSIONS}", n, f"m{n}", "utterance", payload))
+            conn.execute("INSERT INTO mutations (session_pk, seq, mutation_id, type, payload)"
+                         " VALUES (?, ?, ?, ?, ?)",
+                         (n % SESSIONS, n, f"m{n}", "utterance", payload))
             conn.execute("COMMIT")
             n += 1
             t = time.perf_counter()

@@ -126,6 +126,8 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             same_body = len({json.dumps(json.loads(b), sort_keys=True) for b in bodies.values()}) == 1
             if not same_body:
                 raise RuntimeError(f"the servers answer different bodies: {bodies}")
+            # This tree's servers and the bare app answer the very same bytes.
+            same_bytes = len({b for n, b in bodies.items() if not n.startswith("before_")}) == 1
             for server in servers.values():  # warm-up: imports, caches, connections
                 wrk(server.origin + path, threads=threads, connections=connections, duration_s=1)
 
@@ -185,7 +187,7 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "connections": connections, "duration_s": duration, "rounds": rounds,
             "ballast_stdout": "redirected to a file (one http.request JSON line per request)",
             "bare_app": "bench/bare_app.py: plain aiohttp, read on the event loop, no logging",
-            "same_body": same_body, "body_bytes": len(bodies["all_on"]),
+            "same_body": same_body, "same_bytes": same_bytes, "body_bytes": len(bodies["all_on"]),
         },
         "median_rps": {name: round(med(name, "rps"), 1) for name in names},
         "median_cpu_us_per_request": {name: round(med(name, "cpu_us_per_request"), 1) for name in names},
