@@ -16,10 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
+import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common
 
 # The store's schema version 2 (framework/sessions/sqlite_schema.py): participants and
 # speaker labels are rows keyed by the session's ``pk``; the job's progress is JSON.
@@ -55,14 +62,12 @@ def read_view(conn: sqlite3.Connection, tenant: str, session_id: str) -> dict[st
     }
 
 
-def build(db: str, read: str, tenant: str) -> web.Application:
-    conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+def build(args: argparse.Namespace) -> web.Application:
+    read, tenant = args.read, args.tenant
+    conn = sqlite3.connect(args.db, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA query_only = ON")
     app = web.Application()
     app[CONN] = conn
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def get_session(request: web.Request) -> web.Response:
         sid = request.match_info["session_id"]
@@ -74,21 +79,14 @@ def build(db: str, read: str, tenant: str) -> web.Application:
             raise web.HTTPNotFound()
         return web.Response(body=orjson.dumps(view), content_type="application/json")
 
-    app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/sessions/{session_id}", get_session)
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--port", type=int, required=True)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read", choices=("loop", "thread"), default="loop")
     parser.add_argument("--tenant", default="default", help="the tenant whose sessions are read")
-    args = parser.parse_args()
-    web.run_app(build(args.db, args.read, args.tenant), host="127.0.0.1", port=args.port,
-                access_log=None, print=None)
 
 
 if __name__ == "__main__":
-    main()
+    common.app_main(__doc__, build, options)

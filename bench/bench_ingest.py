@@ -23,7 +23,6 @@ medians over rounds; the ratio is the median of per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import sys
@@ -35,17 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ballast.sessions.sqlite_schema import migrate
-from bench.common import (
-    LUA_DIR,
-    WorkDir,
-    ballast_server,
-    http_json,
-    machine,
-    median,
-    verdict,
-    write_result,
-    wrk,
-)
+from bench import common
 
 SESSIONS = 64
 PREFIX = "ingest-"
@@ -89,23 +78,19 @@ def sqlite_loop(path: Path, duration: float) -> dict[str, Any]:
 
 
 def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
-    info = machine()  # taken before the run: date and load average at its start
+    info = common.machine()  # taken before the run: date and load average at its start
     per_round: list[dict[str, Any]] = []
-    with WorkDir("ingest") as work:
-        server = ballast_server(work / "ballast.db", durability="full", stdout=work / "server.log")
-        normal = ballast_server(work / "normal.db", durability="normal", stdout=work / "normal.log")
+    with common.WorkDir("ingest") as work:
+        server = common.ballast_server(work / "ballast.db", durability="full", stdout=work / "server.log")
+        normal = common.ballast_server(work / "normal.db", durability="normal", stdout=work / "normal.log")
         with server, normal:
             for origin in (server.origin, normal.origin):
-                for i in range(SESSIONS):
-                    status, body = http_json("POST", f"{origin}/v1/sessions",
-                                             {"session_id": f"{PREFIX}{i}", "title": "ingest"})
-                    if status != 201:
-                        raise RuntimeError(f"could not create a session: {status} {body}")
-            lua = LUA_DIR / "mutations.lua"
+                common.create_sessions(origin, PREFIX, SESSIONS, title="ingest")
+            lua = common.LUA_DIR / "mutations.lua"
 
             def load(origin: str, per_request: int, tag: str) -> dict[str, Any]:
-                result = wrk(origin, threads=1, connections=connections, duration_s=duration,
-                             script=lua, script_args=[PREFIX, str(SESSIONS), str(per_request), tag])
+                result = common.wrk(origin, threads=1, connections=connections, duration_s=duration,
+                                    script=lua, script_args=[PREFIX, str(SESSIONS), str(per_request), tag])
                 result["mutations_per_s"] = round(result["rps"] * per_request, 1)
                 return result
 
@@ -114,7 +99,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
             load(normal.origin, 1, "warmup")
             kinds = ["sqlite_loop", "single", "batch100", "single_normal"]
             for r in range(rounds):
-                order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+                order = common.rotated(kinds, r)
                 row: dict[str, Any] = {"order": order}
                 for kind in order:
                     if kind == "sqlite_loop":
@@ -132,21 +117,21 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
                       f"single_normal {row['single_normal']['mutations_per_s']:.0f}/s", file=sys.stderr)
             stored = 0
             for i in range(SESSIONS):
-                status, body = http_json("GET", f"{server.origin}/v1/sessions/{PREFIX}{i}")
+                _, body = common.http_json("GET", f"{server.origin}/v1/sessions/{PREFIX}{i}")
                 stored += body["mutation_count"]
             rss = server.status()
 
     acked = sum(row[k]["requests"] * (1 if k == "single" else 100)
                 for row in per_round for k in ("single", "batch100"))
-    loop_rate = median([row["sqlite_loop"]["rows_per_s"] for row in per_round])
-    single_rate = median([row["single"]["mutations_per_s"] for row in per_round])
-    batch_rate = median([row["batch100"]["mutations_per_s"] for row in per_round])
-    normal_rate = median([row["single_normal"]["mutations_per_s"] for row in per_round])
-    ratio = median([row["single"]["mutations_per_s"] / row["sqlite_loop"]["rows_per_s"]
-                    for row in per_round])
+    loop_rate = common.median([row["sqlite_loop"]["rows_per_s"] for row in per_round])
+    single_rate = common.median([row["single"]["mutations_per_s"] for row in per_round])
+    batch_rate = common.median([row["batch100"]["mutations_per_s"] for row in per_round])
+    normal_rate = common.median([row["single_normal"]["mutations_per_s"] for row in per_round])
+    ratio = common.median([row["single"]["mutations_per_s"] / row["sqlite_loop"]["rows_per_s"]
+                           for row in per_round])
 
     def lat(kind: str, key: str) -> float:
-        return round(median([row[kind][key] for row in per_round]), 3)
+        return round(common.median([row[kind][key] for row in per_round]), 3)
 
     errors = {k: sum(row[k]["errors"] for row in per_round)
               for k in ("single", "batch100", "single_normal")}
@@ -165,7 +150,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
             "batch100_mutations_per_s": batch_rate,
             "single_vs_sqlite_loop": round(ratio, 2),
             "single_normal_mutations_per_s": normal_rate,
-            "single_vs_single_normal": round(median([
+            "single_vs_single_normal": round(common.median([
                 row["single"]["mutations_per_s"] / row["single_normal"]["mutations_per_s"]
                 for row in per_round]), 2),
         },
@@ -183,26 +168,20 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "server_rss_kb": rss,
         "targets": {
             "single_vs_sqlite_loop": {"target": f">= {TARGET_VS_LOOP}x", "measured": round(ratio, 2),
-                                      "result": verdict(ratio >= TARGET_VS_LOOP)},
+                                      "result": common.verdict(ratio >= TARGET_VS_LOOP)},
             "batch100_mutations_per_s": {"target": f">= {TARGET_BATCH}", "measured": batch_rate,
-                                         "result": verdict(batch_rate >= TARGET_BATCH)},
+                                         "result": common.verdict(batch_rate >= TARGET_BATCH)},
         },
         "rounds": per_round,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--no-write", action="store_true")
+    parser = common.parser(__doc__, rounds=5, duration=5.0, connections=64)
     args = parser.parse_args(argv)
     result = run(args.rounds, args.duration, args.connections)
-    if not args.no_write:
-        write_result("ingest", result)
-    print(json.dumps({k: result[k] for k in ("median", "latency_ms", "errors", "targets")}, indent=2))
-    return 0
+    return common.finish("ingest", result, args,
+                         {k: result[k] for k in ("median", "latency_ms", "errors", "targets")})
 
 
 if __name__ == "__main__":

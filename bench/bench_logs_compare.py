@@ -25,8 +25,6 @@ ratios).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH_DIR, PYTHON, machine, write_result
+from bench import common
 
 SIZES = (100_000, 1_000_000)
 GROUP_BY = "SELECT event, count(*) AS n, sum(duration_ms) AS ms FROM {source} GROUP BY event"
@@ -52,8 +50,8 @@ JQ_PROGRAM = (
 
 
 def write_log(lines: int, path: str) -> None:
-    subprocess.run([PYTHON, str(BENCH_DIR / "bench_logs.py"), "--lines", str(lines), "--rounds", "1",
-                    "--keep", path], check=True, capture_output=True, timeout=1800)
+    subprocess.run([common.PYTHON, str(common.BENCH_DIR / "bench_logs.py"), "--lines", str(lines),
+                    "--rounds", "1", "--keep", path], check=True, capture_output=True, timeout=1800)
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -82,7 +80,7 @@ def tools(path: str) -> dict[str, Callable[[], object]]:
         "ballast_summarize": lambda: summarize_file(path),
         "ballast_one_pass": lambda: summarize_file(path, workers=1),
         "ballast_query": lambda: subprocess.run(
-            [PYTHON, "-m", "ballast.logs", "query", GROUP_BY.format(source="logs"), path, "--csv"],
+            [common.PYTHON, "-m", "ballast.logs", "query", GROUP_BY.format(source="logs"), path, "--csv"],
             capture_output=True, check=True),
     }
     if shutil.which("jq"):
@@ -99,7 +97,7 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
         names = list(runs)
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = common.rotated(names, r)
             for name in order:
                 times[name].append(timed(runs[name]))
         ratios = {
@@ -120,21 +118,17 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds at 100k lines")
     parser.add_argument("--rounds-1m", type=int, default=2, help="rounds at 1M lines")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    info = machine()
+    info = common.machine()
     result = {
         "benchmark": "logs_compare",
         "machine": info,
         "sizes": {str(n): compare(n, args.rounds if n < 1_000_000 else args.rounds_1m) for n in SIZES},
     }
-    if not args.no_write:
-        write_result("logs_compare", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    return 0
+    return common.finish("logs_compare", result, args, {k: v for k, v in result.items() if k != "machine"})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH_DIR, PYTHON, RESULTS_DIR, machine, write_result
+from bench import common
 
 #: name -> (script, full arguments, quick arguments, timeout in seconds)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
@@ -45,7 +45,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     script, full, short, timeout = BENCHMARKS[name]
-    argv = [PYTHON, str(BENCH_DIR / script), *(short if quick else full)]
+    argv = [common.PYTHON, str(common.BENCH_DIR / script), *(short if quick else full)]
     print(f"== {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     started = time.monotonic()
     try:
@@ -54,7 +54,7 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         status = f"timed out after {timeout} s"
     seconds = round(time.monotonic() - started, 1)
-    path = RESULTS_DIR / f"{name}.json"
+    path = common.RESULTS_DIR / f"{name}.json"
     result = json.loads(path.read_text()) if status == "ok" and path.exists() else None
     return {"status": status, "seconds": seconds, "command": " ".join(["python", *argv[1:]]),
             "result": result}
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
 
-    info = machine()
+    info = common.machine()
     command = "python bench/run_all.py" + (" --quick" if args.quick else "") + (
         f" --only {args.only}" if args.only else "")
     results = {name: run_one(name, args.quick) for name in names}
     # With --only, the other benchmarks' last results stay in the summary, marked as such.
     for name in BENCHMARKS:
-        path = RESULTS_DIR / f"{name}.json"
+        path = common.RESULTS_DIR / f"{name}.json"
         if name not in results and path.exists():
             earlier = json.loads(path.read_text())
             results[name] = {"status": "ok", "seconds": None, "result": earlier,
@@ -108,17 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: results[name] for name in BENCHMARKS if name in results}
     summary = {
         "machine": info,
-        "finished": machine()["date"],
-        "loadavg_at_end": machine()["loadavg_1_5_15min"],
+        "finished": common.machine()["date"],
+        "loadavg_at_end": common.machine()["loadavg_1_5_15min"],
         "command": command,
         "benchmarks": {
             name: {"status": r["status"], "seconds": r["seconds"], "command": r["command"],
                    "targets": (r["result"] or {}).get("targets", {})}
             for name, r in results.items()},
     }
-    write_result("summary", summary)
+    common.write_result("summary", summary)
     md = table({**summary, "benchmarks": results})
-    (RESULTS_DIR / "summary.md").write_text(md)
+    (common.RESULTS_DIR / "summary.md").write_text(md)
     print(md)
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
 
