@@ -1,6 +1,7 @@
 """``ballast logs`` against the tools operators already use, side by side on the same files.
 
-For each size (100,000 and 1,000,000 lines, written once by ``bench/bench_logs.py``),
+For each size (``--sizes``, by default 100,000 and 1,000,000 lines, written once by
+``bench/bench_logs.py``),
 each round runs, in a rotating order, on the same warm file:
 
 * ``duckdb_groupby``: one DuckDB group-by projecting two columns (``SELECT event,
@@ -20,7 +21,7 @@ Prints one JSON document: per size and tool, the median seconds over ``--rounds`
 per size the ratios ``ballast_summarize / duckdb_groupby`` (median of per-round
 ratios).
 
-    python bench/bench_logs_compare.py [--rounds 3] [--rounds-1m 2]
+    python bench/bench_logs_compare.py [--rounds 3] [--rounds-1m 2] [--sizes 100000,1000000]
 """
 
 from __future__ import annotations
@@ -41,17 +42,11 @@ if __package__ in (None, ""):
 
 from bench import common
 
-SIZES = (100_000, 1_000_000)
 GROUP_BY = "SELECT event, count(*) AS n, sum(duration_ms) AS ms FROM {source} GROUP BY event"
 JQ_PROGRAM = (
     "reduce (inputs | fromjson? | objects) as $l ({}; "
     ".[$l.event | tostring] |= {n: ((.n // 0) + 1), ms: ((.ms // 0) + ($l.duration_ms | numbers // 0))})"
 )
-
-
-def write_log(lines: int, path: str) -> None:
-    subprocess.run([common.PYTHON, str(common.BENCH_DIR / "bench_logs.py"), "--lines", str(lines),
-                    "--rounds", "1", "--keep", path], check=True, capture_output=True, timeout=1800)
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -92,7 +87,7 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
     fd, path = tempfile.mkstemp(prefix="ballast-compare-", suffix=".log")
     os.close(fd)
     try:
-        write_log(lines, path)
+        common.write_bench_log(lines, path)
         runs = tools(path)
         names = list(runs)
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -121,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds at 100k lines")
     parser.add_argument("--rounds-1m", type=int, default=2, help="rounds at 1M lines")
+    parser.add_argument("--sizes", default="100000,1000000", help="log sizes in lines, comma-separated")
     args = parser.parse_args(argv)
     info = common.machine()
     result = {
         "benchmark": "logs_compare",
         "machine": info,
-        "sizes": {str(n): compare(n, args.rounds if n < 1_000_000 else args.rounds_1m) for n in SIZES},
+        "sizes": {str(n): compare(n, args.rounds if n < 1_000_000 else args.rounds_1m)
+                  for n in (int(s) for s in args.sizes.split(",") if s)},
     }
     return common.finish("logs_compare", result, args, {k: v for k, v in result.items() if k != "machine"})
 

@@ -292,6 +292,12 @@ class WorkDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def write_bench_log(lines: int, path: str) -> None:
+    """Write a synthetic server log of ``lines`` lines to ``path`` with ``bench_logs.py``."""
+    subprocess.run([PYTHON, str(BENCH_DIR / "bench_logs.py"), "--lines", str(lines),
+                    "--rounds", "1", "--keep", path], check=True, capture_output=True, timeout=1800)
+
+
 # ---------------------------------------------------------------------- wrk
 
 
