@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100000,1000000", help="log sizes in lines, comma-separated")
     args = parser.parse_args(argv)
     info = common.machine()
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        skipped = "DuckDB is not installed (pip install -e '.[logs]')"
+        return common.finish("logs_compare", {"benchmark": "logs_compare", "machine": info,
+                                              "skipped": skipped}, args, f"skipped: {skipped}")
     result = {
         "benchmark": "logs_compare",
         "machine": info,
