@@ -11,6 +11,9 @@ request path adds shows. Three servers share one SQLite file and run side by sid
   no logging;
 * ``bare_thread`` (for reference): the bare app with the read on a worker thread;
 * ``on_asyncio``: ``all_on`` on the stdlib event loop (``server.uvloop = false``);
+* with ``--each-off``, ``without_<plugin>`` for each plugin the default config enables:
+  the default config with that one plugin disabled, so ``without_<plugin>`` / ``all_on``
+  in CPU per request is what that plugin costs on this request;
 * with ``--before TREE``, ``before_on`` and ``before_off``: the same two configs run from
   another source tree (an unpacked older commit laid out as an import path: TREE/ballast
   is its framework/, TREE/ballast/plugins its plugins/), for before/after in one run.
@@ -69,7 +72,7 @@ def raw_get(url: str) -> bytes:
 
 
 def run(rounds: int, duration: float, connections: int, threads: int,
-        bare: bool = True, before: str | None = None) -> dict[str, Any]:
+        bare: bool = True, before: str | None = None, each_off: bool = False) -> dict[str, Any]:
     info = common.machine()  # taken before the run: date and load average at its start
     with common.WorkDir("overhead") as work:
         db = work / "bench.db"
@@ -84,6 +87,10 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "on_asyncio": common.ballast_server(db, stdout=work / "on_asyncio.log",
                                                 extra_env={"BALLAST__SERVER__UVLOOP": "false"}),
         }
+        for plugin in common.default_on_plugins() if each_off else ():
+            servers[f"without_{plugin}"] = common.ballast_server(
+                db, stdout=work / f"without_{plugin}.log",
+                extra_env={f"BALLAST__PLUGINS__{plugin.upper()}__ENABLED": "false"})
         if before:
             for name, on in (("before_on", True), ("before_off", False)):
                 port = common.free_port()
@@ -179,6 +186,7 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_off_vs_bare": round(ratio("all_off", "bare"), 3),
             "all_on_vs_metrics_off": round(ratio("all_on", "metrics_off"), 3),
             "all_on_vs_on_asyncio": round(ratio("all_on", "on_asyncio"), 3),
+            **{f"all_on_vs_{n}": round(ratio("all_on", n), 3) for n in names if n.startswith("without_")},
             **({"before_on_vs_before_off": round(ratio("before_on", "before_off"), 3),
                 "all_on_vs_before_on": round(ratio("all_on", "before_on"), 3),
                 "all_off_vs_before_off": round(ratio("all_off", "before_off"), 3)} if before else {}),
@@ -187,6 +195,7 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_on_vs_all_off": cpu_ratio("all_on", "all_off"),
             "all_on_vs_bare": cpu_ratio("all_on", "bare"),
             "all_on_vs_on_asyncio": cpu_ratio("all_on", "on_asyncio"),
+            **{f"all_on_vs_{n}": cpu_ratio("all_on", n) for n in names if n.startswith("without_")},
             **({"before_on_vs_before_off": cpu_ratio("before_on", "before_off"),
                 "all_on_vs_before_on": cpu_ratio("all_on", "before_on")} if before else {}),
         },
@@ -206,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__, rounds=5, duration=5.0, connections=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", help="a source tree to run as before_on / before_off")
+    parser.add_argument("--each-off", action="store_true",
+                        help="also the default config with each default-on plugin disabled alone")
     parser.add_argument("--without-bare", action="store_true",
                         help="only the ballast servers (implies --no-write)")
     args = parser.parse_args(argv)
     result = run(args.rounds, args.duration, args.connections, args.threads,
-                 bare=not args.without_bare, before=args.before)
+                 bare=not args.without_bare, before=args.before, each_off=args.each_off)
     if args.without_bare:
         args.no_write = True
         shown = ("median_rps", "median_cpu_us_per_request", "ratios")

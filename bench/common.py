@@ -50,6 +50,14 @@ def builtin_plugins() -> tuple[str, ...]:
     return tuple(name for name, _ in BUILTIN_PLUGINS)
 
 
+def default_on_plugins() -> tuple[str, ...]:
+    """The builtin plugins the default config enables."""
+    import tomllib
+
+    plugins = tomllib.loads((ROOT / "config" / "default.toml").read_text()).get("plugins", {})
+    return tuple(name for name in builtin_plugins() if plugins.get(name, {}).get("enabled", False))
+
+
 # ---------------------------------------------------------------------- the machine
 
 
