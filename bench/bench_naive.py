@@ -61,8 +61,7 @@ def run(rounds: int, duration: float, extra_env: dict[str, str] | None = None) -
                                         script=common.LUA_DIR / "mutations.lua",
                                         script_args=[PREFIX, str(SESSIONS), str(per_request), tag])
                 # Goodput: 2xx only (wrk ignores Retry-After, so a 503 is retried at once).
-                ok = result["requests"] - result["non_2xx"]
-                result["mutations_per_s"] = round(ok * per_request / result["duration_s"], 1)
+                ok = common.add_goodput(result, per_request)
                 result["cpu_us_per_mutation"] = round(result["cpu_s"] * 1e6 / max(ok * per_request, 1), 1)
                 return result
 

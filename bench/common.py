@@ -350,6 +350,15 @@ def wrk_cpu(server: ServerProcess, path: str = "", **kwargs: Any) -> dict[str, A
     return result
 
 
+def add_goodput(result: dict[str, Any], per_request: int) -> int:
+    """Add ``mutations_per_s`` to a wrk result: mutations in 2xx answers only (wrk ignores
+    ``Retry-After``, so a refused request is retried at once and would count many
+    times). Returns the number of 2xx answers."""
+    ok = int(result["requests"] - result["non_2xx"])
+    result["mutations_per_s"] = round(ok * per_request / result["duration_s"], 1)
+    return ok
+
+
 def print_round(r: int, rounds: int, row: Mapping[str, Any], names: Sequence[str]) -> None:
     """One progress line on stderr: each server's req/s and CPU per request this round."""
     print(f"round {r + 1}/{rounds}: " + ", ".join(
