@@ -109,7 +109,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
                     result = common.wrk(origin, threads=1, connections=connections, duration_s=duration,
                                         script=mutations_lua,
                                         script_args=[PREFIX, str(SESSIONS), str(per_request), label])
-                    result["mutations_per_s"] = round(result["rps"] * per_request, 1)
+                    common.add_goodput(result, per_request)  # 2xx only
                     return result
 
                 for config in CONFIGS:  # warm-up: connections, caches, prepared statements
@@ -153,6 +153,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "pg_x1_vs_sqlite_x1_batch100": ratio("pg_x1", "sqlite_x1", "batch100", "mutations_per_s"),
     }
     errors = {c: sum(row[c][k]["errors"] for row in per_round for k in LOADS) for c in CONFIGS}
+    non_2xx = {c: sum(row[c][k]["non_2xx"] for row in per_round for k in LOADS) for c in CONFIGS}
     return {
         "benchmark": "scaleout",
         "machine": info,
@@ -166,6 +167,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "median": table,
         "ratios": ratios,
         "errors": errors,
+        "non_2xx": non_2xx,
         "targets": {
             "pg_w2_vs_pg_x1_batch100": {
                 "target": f">= {TARGET_PG_BATCH}x", "measured": ratios["pg_w2_vs_pg_x1_batch100"],
