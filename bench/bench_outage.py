@@ -15,7 +15,7 @@ backoff, in two configurations run side by side in the same process:
 
 * ``on``: as shipped: circuit breaker and retry budget on;
 * ``off``: ``plugins.circuit_breaker.enabled = false`` and ``plugins.retry.budget = false``
-  (round one's behaviour: every call retries on its own).
+  (retrying without either protection: every call retries on its own).
 
 Load is open-loop: ``--rate`` calls per second for ``--duration`` seconds, each call
 under a 30 s time budget (the default ``request_ms``), so a slow failure does not slow
