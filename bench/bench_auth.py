@@ -17,7 +17,6 @@ the rounds, ratios medians of the per-round ratios. CPU per request (the server'
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -27,35 +26,24 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common
 from bench.bench_overhead import SESSION, seed_session
-from bench.common import (
-    BALLAST,
-    LUA_DIR,
-    WorkDir,
-    ballast_server,
-    cpu_seconds,
-    machine,
-    median,
-    verdict,
-    write_result,
-    wrk,
-)
 
 TARGET_ON_VS_OFF = 0.95
 
 
 def create_key(keys_file: Path) -> str:
-    out = subprocess.run([BALLAST, "keys", "create", "--tenant", "default", "--keys-file", str(keys_file),
-                          "--json"], capture_output=True, text=True, check=True)
+    argv = [common.BALLAST, "keys", "create", "--tenant", "default", "--keys-file", str(keys_file), "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
     key: str = json.loads(out.stdout)["key"]
     return key
 
 
 def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
-    info = machine()
-    with WorkDir("auth") as work:
+    info = common.machine()
+    with common.WorkDir("auth") as work:
         db = work / "bench.db"
-        with ballast_server(db) as seeder:
+        with common.ballast_server(db) as seeder:
             seed_session(seeder.origin)
         keys_file = work / "keys.toml"
         key = create_key(keys_file)
@@ -63,12 +51,12 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
                     "BALLAST__PLUGINS__AUTH__KEYS_FILE": str(keys_file),
                     "BALLAST__PLUGINS__AUTH__RATE_PER_S": "1000000",
                     "BALLAST__PLUGINS__AUTH__BURST": "1000000"}
-        servers = {"auth_off": ballast_server(db, stdout=work / "off.log"),
-                   "auth_on": ballast_server(db, stdout=work / "on.log", extra_env=auth_env)}
+        servers = {"auth_off": common.ballast_server(db, stdout=work / "off.log"),
+                   "auth_on": common.ballast_server(db, stdout=work / "on.log", extra_env=auth_env)}
         # name -> (server, lua script, environment for wrk)
-        runs = {"auth_off": ("auth_off", LUA_DIR / "get.lua", {}),
-                "auth_on": ("auth_on", LUA_DIR / "get_auth.lua", {"BALLAST_BENCH_KEY": key}),
-                "refused_401": ("auth_on", LUA_DIR / "get.lua", {})}
+        runs = {"auth_off": ("auth_off", common.LUA_DIR / "get.lua", {}),
+                "auth_on": ("auth_on", common.LUA_DIR / "get_auth.lua", {"BALLAST_BENCH_KEY": key}),
+                "refused_401": ("auth_on", common.LUA_DIR / "get.lua", {})}
         path = f"/v1/sessions/{SESSION}"
         try:
             for server in servers.values():
@@ -76,29 +64,25 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
             per_round: list[dict[str, Any]] = []
             names = list(runs)
             for srv, lua, env in runs.values():  # warm-up
-                wrk(servers[srv].origin + path, connections=connections, duration_s=1, script=lua, env=env)
+                common.wrk(servers[srv].origin + path, connections=connections, duration_s=1,
+                           script=lua, env=env)
             for r in range(rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
+                order = common.rotated(names, r)
                 row: dict[str, Any] = {"order": order}
                 for name in order:
                     srv, lua, env = runs[name]
-                    cpu = cpu_seconds(servers[srv].pid)
-                    row[name] = wrk(servers[srv].origin + path, connections=connections, duration_s=duration,
-                                    script=lua, env=env)
-                    row[name]["cpu_us_per_request"] = round(
-                        (cpu_seconds(servers[srv].pid) - cpu) * 1e6 / max(row[name]["requests"], 1), 1)
+                    row[name] = common.wrk_cpu(servers[srv], path, connections=connections,
+                                               duration_s=duration, script=lua, env=env)
                 per_round.append(row)
-                print(f"round {r + 1}/{rounds}: " + ", ".join(
-                    f"{n} {row[n]['rps']:.0f} rps {row[n]['cpu_us_per_request']:.0f} us cpu/req"
-                    for n in names), file=sys.stderr)
+                common.print_round(r, rounds, row, names)
         finally:
             for server in servers.values():
                 server.stop()
 
     def med(name: str, key: str) -> float:
-        return median([row[name][key] for row in per_round])
+        return common.median([row[name][key] for row in per_round])
 
-    ratio = median([row["auth_on"]["rps"] / row["auth_off"]["rps"] for row in per_round])
+    ratio = common.median([row["auth_on"]["rps"] / row["auth_off"]["rps"] for row in per_round])
     return {
         "benchmark": "auth",
         "machine": info,
@@ -111,24 +95,17 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "errors": {n: sum(row[n]["errors"] for row in per_round) for n in runs},
         "ratios": {"auth_on_vs_auth_off": round(ratio, 3)},
         "targets": {"auth_on_vs_auth_off": {"target": f">= {TARGET_ON_VS_OFF}", "measured": round(ratio, 3),
-                                            "result": verdict(ratio >= TARGET_ON_VS_OFF)}},
+                                            "result": common.verdict(ratio >= TARGET_ON_VS_OFF)}},
         "rounds": per_round,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
+    parser = common.parser(__doc__, rounds=3, duration=5.0, connections=16)
     args = parser.parse_args(argv)
     result = run(args.rounds, args.duration, args.connections)
-    if not args.no_write:
-        write_result("auth", result)
-    print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios", "targets")},
-                     indent=2))
-    return 0
+    return common.finish("auth", result, args, {
+        k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios", "targets")})
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ job, beside its RSS before the POST. Figures are medians over rounds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import shutil
 import sys
@@ -30,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import WorkDir, ballast_server, http_json, machine, median, verdict, write_result
+from bench import common
 
 SESSION = "bench-finalize"
 PEOPLE = ("Alice", "Bob", "Chen", "Dana")
@@ -107,24 +105,24 @@ async def build_db(path: Path, count: int) -> dict[str, Any]:
 
 
 def finalize_once(db: Path, log: Path) -> dict[str, Any]:
-    server = ballast_server(db, stdout=log)
+    server = common.ballast_server(db, stdout=log)
     with server:
         base = f"{server.origin}/v1/sessions/{SESSION}"
         rss_before = server.status()
         t0 = time.perf_counter()
-        status, body = http_json("POST", f"{base}/finalize")
+        status, body = common.http_json("POST", f"{base}/finalize")
         if status != 202:
             raise RuntimeError(f"finalize did not start: {status} {body}")
         job = body["job"]
         polls = 0
         while job["state"] == "running":
             time.sleep(0.02)
-            status, body = http_json("GET", f"{base}/finalize")
+            status, body = common.http_json("GET", f"{base}/finalize")
             job = body["job"]
             polls += 1
         seconds = time.perf_counter() - t0
         rss_after = server.status()
-        status, report = http_json("GET", f"{base}/report")
+        status, report = common.http_json("GET", f"{base}/report")
     totals = report.get("stats", {}) if isinstance(report, dict) else {}
     return {
         "state": job["state"], "seconds": round(seconds, 3), "job_elapsed_ms": job["elapsed_ms"],
@@ -137,9 +135,9 @@ def finalize_once(db: Path, log: Path) -> dict[str, Any]:
 
 
 def run(sizes: list[int], rounds: int) -> dict[str, Any]:
-    info = machine()  # taken before the run: date and load average at its start
+    info = common.machine()  # taken before the run: date and load average at its start
     by_size: dict[str, Any] = {}
-    with WorkDir("finalize") as work:
+    with common.WorkDir("finalize") as work:
         for size in sizes:
             source = work / f"s{size}.db"
             built = asyncio.run(build_db(source, size))
@@ -158,11 +156,11 @@ def run(sizes: list[int], rounds: int) -> dict[str, Any]:
             by_size[str(size)] = {
                 "build": built,
                 "succeeded": f"{len(ok)}/{len(runs)}",
-                "median_seconds": median([x["seconds"] for x in ok]) if ok else None,
-                "median_peak_rss_mb": median([x["peak_rss_mb"] for x in runs]),
-                "median_rss_before_mb": median([x["rss_before_mb"] for x in runs]),
+                "median_seconds": common.median([x["seconds"] for x in ok]) if ok else None,
+                "median_peak_rss_mb": common.median([x["peak_rss_mb"] for x in runs]),
+                "median_rss_before_mb": common.median([x["rss_before_mb"] for x in runs]),
                 "median_stages_ms": {
-                    stage: median([x["stages_ms"][stage] or 0 for x in runs])
+                    stage: common.median([x["stages_ms"][stage] or 0 for x in runs])
                     for stage in runs[0]["stages_ms"]},
                 "runs": runs,
             }
@@ -172,18 +170,18 @@ def run(sizes: list[int], rounds: int) -> dict[str, Any]:
     if s100:
         t = s100["median_seconds"]
         targets["100k_seconds"] = {"target": f"<= {TARGET_100K_S}", "measured": t,
-                                   "result": verdict(t is not None and t <= TARGET_100K_S)}
+                                   "result": common.verdict(t is not None and t <= TARGET_100K_S)}
         rss = s100["median_peak_rss_mb"]
         targets["100k_peak_rss_mb"] = {"target": f"<= {TARGET_RSS_MB}", "measured": rss,
-                                       "result": verdict(rss <= TARGET_RSS_MB)}
+                                       "result": common.verdict(rss <= TARGET_RSS_MB)}
     s1m = by_size.get("1000000")
     if s100 and s1m and s100["median_seconds"] and s1m["median_seconds"]:
         growth = s1m["median_seconds"] / s100["median_seconds"]
         targets["1m_vs_100k_time"] = {"target": f"<= {TARGET_GROWTH}x", "measured": round(growth, 2),
-                                      "result": verdict(growth <= TARGET_GROWTH)}
+                                      "result": common.verdict(growth <= TARGET_GROWTH)}
     elif s100 and s1m:
         targets["1m_vs_100k_time"] = {"target": f"<= {TARGET_GROWTH}x", "measured": None,
-                                      "result": verdict(False)}
+                                      "result": common.verdict(False)}
     return {
         "benchmark": "finalize",
         "machine": info,
@@ -202,18 +200,13 @@ def run(sizes: list[int], rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, rounds=3)
     parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     result = run(sizes, args.rounds)
-    if not args.no_write:
-        write_result("finalize", result)
     summary = {size: {k: v for k, v in data.items() if k != "runs"} for size, data in result["sizes"].items()}
-    print(json.dumps({"sizes": summary, "targets": result["targets"]}, indent=2))
-    return 0
+    return common.finish("finalize", result, args, {"sizes": summary, "targets": result["targets"]})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``ballast logs`` against the tools operators already use, side by side on the same files.
 
-For each size (100,000 and 1,000,000 lines, written once by ``bench/bench_logs.py``),
+For each size (``--sizes``, by default 100,000 and 1,000,000 lines, written once by
+``bench/bench_logs.py``),
 each round runs, in a rotating order, on the same warm file:
 
 * ``duckdb_groupby``: one DuckDB group-by projecting two columns (``SELECT event,
@@ -20,13 +21,11 @@ Prints one JSON document: per size and tool, the median seconds over ``--rounds`
 per size the ratios ``ballast_summarize / duckdb_groupby`` (median of per-round
 ratios).
 
-    python bench/bench_logs_compare.py [--rounds 3] [--rounds-1m 2]
+    python bench/bench_logs_compare.py [--rounds 3] [--rounds-1m 2] [--sizes 100000,1000000]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,19 +40,13 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH_DIR, PYTHON, machine, write_result
+from bench import common
 
-SIZES = (100_000, 1_000_000)
 GROUP_BY = "SELECT event, count(*) AS n, sum(duration_ms) AS ms FROM {source} GROUP BY event"
 JQ_PROGRAM = (
     "reduce (inputs | fromjson? | objects) as $l ({}; "
     ".[$l.event | tostring] |= {n: ((.n // 0) + 1), ms: ((.ms // 0) + ($l.duration_ms | numbers // 0))})"
 )
-
-
-def write_log(lines: int, path: str) -> None:
-    subprocess.run([PYTHON, str(BENCH_DIR / "bench_logs.py"), "--lines", str(lines), "--rounds", "1",
-                    "--keep", path], check=True, capture_output=True, timeout=1800)
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -82,7 +75,7 @@ def tools(path: str) -> dict[str, Callable[[], object]]:
         "ballast_summarize": lambda: summarize_file(path),
         "ballast_one_pass": lambda: summarize_file(path, workers=1),
         "ballast_query": lambda: subprocess.run(
-            [PYTHON, "-m", "ballast.logs", "query", GROUP_BY.format(source="logs"), path, "--csv"],
+            [common.PYTHON, "-m", "ballast.logs", "query", GROUP_BY.format(source="logs"), path, "--csv"],
             capture_output=True, check=True),
     }
     if shutil.which("jq"):
@@ -94,12 +87,12 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
     fd, path = tempfile.mkstemp(prefix="ballast-compare-", suffix=".log")
     os.close(fd)
     try:
-        write_log(lines, path)
+        common.write_bench_log(lines, path)
         runs = tools(path)
         names = list(runs)
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = common.rotated(names, r)
             for name in order:
                 times[name].append(timed(runs[name]))
         ratios = {
@@ -120,21 +113,25 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds at 100k lines")
     parser.add_argument("--rounds-1m", type=int, default=2, help="rounds at 1M lines")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--sizes", default="100000,1000000", help="log sizes in lines, comma-separated")
     args = parser.parse_args(argv)
-    info = machine()
+    info = common.machine()
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        skipped = "DuckDB is not installed (pip install -e '.[logs]')"
+        return common.finish("logs_compare", {"benchmark": "logs_compare", "machine": info,
+                                              "skipped": skipped}, args, f"skipped: {skipped}")
     result = {
         "benchmark": "logs_compare",
         "machine": info,
-        "sizes": {str(n): compare(n, args.rounds if n < 1_000_000 else args.rounds_1m) for n in SIZES},
+        "sizes": {str(n): compare(n, args.rounds if n < 1_000_000 else args.rounds_1m)
+                  for n in (int(s) for s in args.sizes.split(",") if s)},
     }
-    if not args.no_write:
-        write_result("logs_compare", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    return 0
+    return common.finish("logs_compare", result, args, {k: v for k, v in result.items() if k != "machine"})
 
 
 if __name__ == "__main__":

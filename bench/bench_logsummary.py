@@ -11,7 +11,6 @@ means the peak RSS of the 1M run is within 10% (and 10 MB) of the 100k run's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,15 +20,15 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH_DIR, PYTHON, machine, verdict, write_result
+from bench import common
 
 TARGET_LINES_PER_S = 100_000
 SIZES = (100_000, 1_000_000)
 
 
 def summarize(lines: int, rounds: int) -> dict[str, Any]:
-    script = BENCH_DIR / "bench_logs.py"
-    proc = subprocess.run([PYTHON, str(script), "--lines", str(lines), "--rounds", str(rounds)],
+    script = common.BENCH_DIR / "bench_logs.py"
+    proc = subprocess.run([common.PYTHON, str(script), "--lines", str(lines), "--rounds", str(rounds)],
                           capture_output=True, text=True, timeout=1800)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -40,8 +39,8 @@ def summarize(lines: int, rounds: int) -> dict[str, Any]:
 
 
 def run(rounds: int) -> dict[str, Any]:
-    info = machine()  # taken before the run: date and load average at its start
-    script = BENCH_DIR / "bench_logs.py"
+    info = common.machine()  # taken before the run: date and load average at its start
+    script = common.BENCH_DIR / "bench_logs.py"
     if not script.exists():
         return {"benchmark": "logs", "machine": info, "skipped": "bench/bench_logs.py does not exist",
                 "targets": {}}
@@ -63,25 +62,20 @@ def run(rounds: int) -> dict[str, Any]:
         "peak_rss_growth_mb_100k_to_1m": round(growth, 1),
         "targets": {
             "lines_per_s_1m": {"target": f">= {TARGET_LINES_PER_S}", "measured": rate,
-                               "result": verdict(rate >= TARGET_LINES_PER_S)},
+                               "result": common.verdict(rate >= TARGET_LINES_PER_S)},
             "memory_flat": {
                 "target": "peak RSS at 1M within max(10 MB, 10%) of 100k",
                 "measured": f"{small['peak_rss_mb']} MB -> {big['peak_rss_mb']} MB",
-                "result": verdict(flat)},
+                "result": common.verdict(flat)},
         },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
+    parser = common.parser(__doc__, rounds=3)
     args = parser.parse_args(argv)
     result = run(args.rounds)
-    if not args.no_write:
-        write_result("logs", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    return 0
+    return common.finish("logs", result, args, {k: v for k, v in result.items() if k != "machine"})
 
 
 if __name__ == "__main__":

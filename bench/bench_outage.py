@@ -15,7 +15,7 @@ backoff, in two configurations run side by side in the same process:
 
 * ``on``: as shipped: circuit breaker and retry budget on;
 * ``off``: ``plugins.circuit_breaker.enabled = false`` and ``plugins.retry.budget = false``
-  (round one's behaviour: every call retries on its own).
+  (retrying without either protection: every call retries on its own).
 
 Load is open-loop: ``--rate`` calls per second for ``--duration`` seconds, each call
 under a 30 s time budget (the default ``request_ms``), so a slow failure does not slow
@@ -28,9 +28,7 @@ logical call as its caller sees it (p50, p99).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -40,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, verdict, write_result
+from bench import common
 
 CONFIGS: dict[str, dict[str, str]] = {
     "on": {},
@@ -58,7 +56,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def scenario(name: str, config_name: str, *, rate: float, duration: float, flap_s: float,
                    seed: int) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(common.ROOT / "tests"))
     from fake_upstream import FakeUpstream, Step
 
     from ballast import logging as blog
@@ -130,7 +128,7 @@ async def scenario(name: str, config_name: str, *, rate: float, duration: float,
 
 
 def run(rate: float, duration: float, flaps: list[float], seed: int) -> dict[str, Any]:
-    info = machine()
+    info = common.machine()
     rows = []
     plan = [("hard_down", 0.0), *((f"flapping_{f:g}s", f) for f in flaps), ("p50", 0.0), ("p10", 0.0)]
     for name, flap_s in plan:
@@ -147,15 +145,15 @@ def run(rate: float, duration: float, flaps: list[float], seed: int) -> dict[str
     targets = {
         "hard_down_attempts_per_call_on": {
             "target": "<= 0.2 (a few probes per break)", "measured": down_on["attempts_per_call"],
-            "result": verdict(down_on["attempts_per_call"] <= 0.2)},
+            "result": common.verdict(down_on["attempts_per_call"] <= 0.2)},
         "hard_down_p50_on_vs_off": {
             "target": "fail fast: p50 on <= 1/10 of off",
             "measured": f"{down_on['latency_p50_ms']} ms vs {down_off['latency_p50_ms']} ms",
-            "result": verdict(down_on["latency_p50_ms"] * 10 <= down_off["latency_p50_ms"])},
+            "result": common.verdict(down_on["latency_p50_ms"] * 10 <= down_off["latency_p50_ms"])},
         "p10_success_unchanged": {
             "target": "on >= off - 0.005 (protections cost nothing at a 10 % fault rate)",
             "measured": f"{p10_on['success_rate']} vs {p10_off['success_rate']}",
-            "result": verdict(p10_on["success_rate"] >= p10_off["success_rate"] - 0.005)},
+            "result": common.verdict(p10_on["success_rate"] >= p10_off["success_rate"] - 0.005)},
     }
     return {
         "benchmark": "outage",
@@ -176,19 +174,16 @@ def run(rate: float, duration: float, flaps: list[float], seed: int) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--rate", type=float, default=100.0, help="calls per second")
     parser.add_argument("--duration", type=float, default=24.0, help="seconds of arrivals per scenario")
     parser.add_argument("--flap-s", default="2,6", help="lengths of the down and up phases, comma-separated")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.rate, args.duration, [float(f) for f in args.flap_s.split(",")], args.seed)
-    if not args.no_write:
-        write_result("outage", result)
-    print(json.dumps({"rows": [{k: v for k, v in r.items() if k != "outcomes"} for r in result["rows"]],
-                      "targets": result["targets"]}, indent=2))
-    return 0
+    return common.finish("outage", result, args, {
+        "rows": [{k: v for k, v in r.items() if k != "outcomes"} for r in result["rows"]],
+        "targets": result["targets"]})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ request path adds shows. Three servers share one SQLite file and run side by sid
   no logging;
 * ``bare_thread`` (for reference): the bare app with the read on a worker thread;
 * ``on_asyncio``: ``all_on`` on the stdlib event loop (``server.uvloop = false``);
+* with ``--each-off``, ``without_<plugin>`` for each plugin the default config enables:
+  the default config with that one plugin disabled, so ``without_<plugin>`` / ``all_on``
+  in CPU per request is what that plugin costs on this request;
 * with ``--before TREE``, ``before_on`` and ``before_off``: the same two configs run from
   another source tree (an unpacked older commit laid out as an import path: TREE/ballast
   is its framework/, TREE/ballast/plugins its plugins/), for before/after in one run.
@@ -28,7 +31,6 @@ ratios are medians of the per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,22 +39,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    BENCH_DIR,
-    PYTHON,
-    ServerProcess,
-    WorkDir,
-    ballast_env,
-    ballast_server,
-    cpu_seconds,
-    free_port,
-    http_json,
-    machine,
-    median,
-    verdict,
-    write_result,
-    wrk,
-)
+from bench import common
 
 SESSION = "bench-overhead"
 TARGET_VS_OFF = 0.92
@@ -61,7 +48,7 @@ TARGET_VS_BARE = 0.75
 
 def seed_session(origin: str) -> None:
     """A realistic session: title, participants, a few utterances, named speakers."""
-    status, body = http_json("POST", f"{origin}/v1/sessions", {
+    status, body = common.http_json("POST", f"{origin}/v1/sessions", {
         "session_id": SESSION, "title": "Weekly sync",
         "participants": [{"name": "Alice"}, {"name": "Bob"}, {"name": "Chen"}]})
     if status != 201:
@@ -71,8 +58,8 @@ def seed_session(origin: str) -> None:
          "end_ms": i * 1000 + 800, "text": f"utterance number {i}"} for i in range(20)]
     mutations += [{"type": "speaker_renamed", "speaker": "spk_0", "name": "Alice"},
                   {"type": "speaker_renamed", "speaker": "spk_1", "name": "Bob"}]
-    status, body = http_json("POST", f"{origin}/v1/sessions/{SESSION}/mutations",
-                             {"mutations": mutations})
+    status, body = common.http_json("POST", f"{origin}/v1/sessions/{SESSION}/mutations",
+                                    {"mutations": mutations})
     if status != 200:
         raise RuntimeError(f"could not seed the session: {status} {body}")
 
@@ -85,38 +72,42 @@ def raw_get(url: str) -> bytes:
 
 
 def run(rounds: int, duration: float, connections: int, threads: int,
-        bare: bool = True, before: str | None = None) -> dict[str, Any]:
-    info = machine()  # taken before the run: date and load average at its start
-    with WorkDir("overhead") as work:
+        bare: bool = True, before: str | None = None, each_off: bool = False) -> dict[str, Any]:
+    info = common.machine()  # taken before the run: date and load average at its start
+    with common.WorkDir("overhead") as work:
         db = work / "bench.db"
-        with ballast_server(db) as seeder:
+        with common.ballast_server(db) as seeder:
             seed_session(seeder.origin)
 
-        servers: dict[str, ServerProcess] = {
-            "all_on": ballast_server(db, stdout=work / "all_on.log"),
-            "all_off": ballast_server(db, plugins_on=False, stdout=work / "all_off.log"),
-            "metrics_off": ballast_server(db, stdout=work / "metrics_off.log",
-                                          extra_env={"BALLAST__PLUGINS__METRICS__ENABLED": "false"}),
-            "on_asyncio": ballast_server(db, stdout=work / "on_asyncio.log",
-                                         extra_env={"BALLAST__SERVER__UVLOOP": "false"}),
+        servers: dict[str, common.ServerProcess] = {
+            "all_on": common.ballast_server(db, stdout=work / "all_on.log"),
+            "all_off": common.ballast_server(db, plugins_on=False, stdout=work / "all_off.log"),
+            "metrics_off": common.ballast_server(db, stdout=work / "metrics_off.log",
+                                                 extra_env={"BALLAST__PLUGINS__METRICS__ENABLED": "false"}),
+            "on_asyncio": common.ballast_server(db, stdout=work / "on_asyncio.log",
+                                                extra_env={"BALLAST__SERVER__UVLOOP": "false"}),
         }
+        for plugin in common.default_on_plugins() if each_off else ():
+            servers[f"without_{plugin}"] = common.ballast_server(
+                db, stdout=work / f"without_{plugin}.log",
+                extra_env={f"BALLAST__PLUGINS__{plugin.upper()}__ENABLED": "false"})
         if before:
             for name, on in (("before_on", True), ("before_off", False)):
-                port = free_port()
+                port = common.free_port()
                 code = (f"import sys; sys.path.insert(0, {before!r}); "
                         "from ballast.cli import main; sys.exit(main())")
-                env = ballast_env(db, port, plugins_on=on)
+                env = common.ballast_env(db, port, plugins_on=on)
                 for key in [k for k in env if k.startswith("BALLAST__PLUGINS__")]:
                     plugin = key.split("__")[2].lower()  # a plugin the older tree lacks
                     if not (Path(before) / "ballast" / "plugins" / f"{plugin}.py").exists():
                         del env[key]
-                servers[name] = ServerProcess(
-                    [PYTHON, "-c", code, "serve"], port=port, stdout=work / f"{name}.log", env=env)
+                servers[name] = common.ServerProcess(
+                    [common.PYTHON, "-c", code, "serve"], port=port, stdout=work / f"{name}.log", env=env)
         for mode in ("loop", "thread") if bare else ():
-            port = free_port()
+            port = common.free_port()
             name = "bare" if mode == "loop" else "bare_thread"
-            servers[name] = ServerProcess(
-                [PYTHON, str(BENCH_DIR / "bare_app.py"), "--db", str(db), "--port", str(port),
+            servers[name] = common.ServerProcess(
+                [common.PYTHON, str(common.BENCH_DIR / "bare_app.py"), "--db", str(db), "--port", str(port),
                  "--read", mode], port=port)
         try:
             for server in servers.values():
@@ -126,26 +117,22 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             same_body = len({json.dumps(json.loads(b), sort_keys=True) for b in bodies.values()}) == 1
             if not same_body:
                 raise RuntimeError(f"the servers answer different bodies: {bodies}")
+            # This tree's servers and the bare app answer the very same bytes.
+            same_bytes = len({b for n, b in bodies.items() if not n.startswith("before_")}) == 1
             for server in servers.values():  # warm-up: imports, caches, connections
-                wrk(server.origin + path, threads=threads, connections=connections, duration_s=1)
+                common.wrk(server.origin + path, threads=threads, connections=connections, duration_s=1)
 
             names = list(servers)
             per_round: list[dict[str, Any]] = []
             for r in range(rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
+                order = common.rotated(names, r)
                 row: dict[str, Any] = {}
                 for name in order:
-                    cpu = cpu_seconds(servers[name].pid)
-                    row[name] = wrk(servers[name].origin + path, threads=threads,
-                                    connections=connections, duration_s=duration)
-                    # CPU per request: steadier than throughput on a busy machine.
-                    row[name]["cpu_us_per_request"] = round(
-                        (cpu_seconds(servers[name].pid) - cpu) * 1e6 / max(row[name]["requests"], 1), 1)
+                    row[name] = common.wrk_cpu(servers[name], path, threads=threads,
+                                               connections=connections, duration_s=duration)
                 row["order"] = order
                 per_round.append(row)
-                print(f"round {r + 1}/{rounds}: " + ", ".join(
-                    f"{n} {row[n]['rps']:.0f} rps {row[n]['cpu_us_per_request']:.0f} us cpu/req"
-                    for n in names), file=sys.stderr)
+                common.print_round(r, rounds, row, names)
             rss = {name: s.status() for name, s in servers.items()}
         finally:
             for server in servers.values():
@@ -153,15 +140,15 @@ def run(rounds: int, duration: float, connections: int, threads: int,
         log_lines = sum(1 for _ in (work / "all_on.log").open("rb"))
 
     def med(name: str, key: str) -> float:
-        return median([row[name][key] for row in per_round])
+        return common.median([row[name][key] for row in per_round])
 
     def ratio(a: str, b: str) -> float:
-        return median([row[a]["rps"] / row[b]["rps"] for row in per_round])
+        return common.median([row[a]["rps"] / row[b]["rps"] for row in per_round])
 
     def cpu_ratio(a: str, b: str) -> float:
         """Requests per CPU-second of ``a`` over ``b``: steadier than rps on a busy machine."""
-        return round(median([row[b]["cpu_us_per_request"] / row[a]["cpu_us_per_request"]
-                             for row in per_round]), 3)
+        return round(common.median([row[b]["cpu_us_per_request"] / row[a]["cpu_us_per_request"]
+                                    for row in per_round]), 3)
 
     errors = {name: sum(row[name]["errors"] for row in per_round) for name in names}
     if not bare:  # --without-bare: only the ballast servers, compared with each other
@@ -185,7 +172,7 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "connections": connections, "duration_s": duration, "rounds": rounds,
             "ballast_stdout": "redirected to a file (one http.request JSON line per request)",
             "bare_app": "bench/bare_app.py: plain aiohttp, read on the event loop, no logging",
-            "same_body": same_body, "body_bytes": len(bodies["all_on"]),
+            "same_body": same_body, "same_bytes": same_bytes, "body_bytes": len(bodies["all_on"]),
         },
         "median_rps": {name: round(med(name, "rps"), 1) for name in names},
         "median_cpu_us_per_request": {name: round(med(name, "cpu_us_per_request"), 1) for name in names},
@@ -199,6 +186,7 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_off_vs_bare": round(ratio("all_off", "bare"), 3),
             "all_on_vs_metrics_off": round(ratio("all_on", "metrics_off"), 3),
             "all_on_vs_on_asyncio": round(ratio("all_on", "on_asyncio"), 3),
+            **{f"all_on_vs_{n}": round(ratio("all_on", n), 3) for n in names if n.startswith("without_")},
             **({"before_on_vs_before_off": round(ratio("before_on", "before_off"), 3),
                 "all_on_vs_before_on": round(ratio("all_on", "before_on"), 3),
                 "all_off_vs_before_off": round(ratio("all_off", "before_off"), 3)} if before else {}),
@@ -207,14 +195,15 @@ def run(rounds: int, duration: float, connections: int, threads: int,
             "all_on_vs_all_off": cpu_ratio("all_on", "all_off"),
             "all_on_vs_bare": cpu_ratio("all_on", "bare"),
             "all_on_vs_on_asyncio": cpu_ratio("all_on", "on_asyncio"),
+            **{f"all_on_vs_{n}": cpu_ratio("all_on", n) for n in names if n.startswith("without_")},
             **({"before_on_vs_before_off": cpu_ratio("before_on", "before_off"),
                 "all_on_vs_before_on": cpu_ratio("all_on", "before_on")} if before else {}),
         },
         "targets": {
             "all_on_vs_all_off": {"target": f">= {TARGET_VS_OFF}", "measured": round(on_off, 3),
-                                  "result": verdict(on_off >= TARGET_VS_OFF)},
+                                  "result": common.verdict(on_off >= TARGET_VS_OFF)},
             "all_on_vs_bare": {"target": f">= {TARGET_VS_BARE}", "measured": round(on_bare, 3),
-                               "result": verdict(on_bare >= TARGET_VS_BARE)},
+                               "result": common.verdict(on_bare >= TARGET_VS_BARE)},
         },
         "server_rss_kb": rss,
         "all_on_log_lines": log_lines,
@@ -223,28 +212,22 @@ def run(rounds: int, duration: float, connections: int, threads: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=16)
+    parser = common.parser(__doc__, rounds=5, duration=5.0, connections=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", help="a source tree to run as before_on / before_off")
-    parser.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
+    parser.add_argument("--each-off", action="store_true",
+                        help="also the default config with each default-on plugin disabled alone")
     parser.add_argument("--without-bare", action="store_true",
                         help="only the ballast servers (implies --no-write)")
     args = parser.parse_args(argv)
     result = run(args.rounds, args.duration, args.connections, args.threads,
-                 bare=not args.without_bare, before=args.before)
+                 bare=not args.without_bare, before=args.before, each_off=args.each_off)
     if args.without_bare:
-        print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios")},
-                         indent=2))
-        return 0
-    if not args.no_write:
-        write_result("overhead", result)
-    print(json.dumps({k: result[k] for k in ("median_rps", "median_cpu_us_per_request", "ratios",
-                                             "cpu_ratios", "targets")},
-                     indent=2))
-    return 0
+        args.no_write = True
+        shown = ("median_rps", "median_cpu_us_per_request", "ratios")
+    else:
+        shown = ("median_rps", "median_cpu_us_per_request", "ratios", "cpu_ratios", "targets")
+    return common.finish("overhead", result, args, {k: result[k] for k in shown})
 
 
 if __name__ == "__main__":

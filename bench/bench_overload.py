@@ -15,7 +15,6 @@ mutations per second, latencies are of admitted (2xx) requests as the client saw
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -30,9 +29,9 @@ if __package__ in (None, ""):
 
 import orjson
 
-from bench.common import ROOT, WorkDir, ballast_server, http_json, machine, median, write_result
+from bench import common
 
-sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+sys.path.insert(0, str(common.ROOT / "tests" / "reliability"))
 from loadgen import Conn  # the lean load client of the reliability tests
 
 MULTIPLES = (0.5, 1, 2, 4, 8, 64)  # 64: the reliability suite's 256-connection flood
@@ -83,11 +82,11 @@ async def _load(port: int, connections: int, seconds: float) -> dict[str, Any]:
 
 
 def run(seconds: float, capacity: int, rounds: int) -> dict[str, Any]:
-    info = machine()
-    with WorkDir("overload") as work:
+    info = common.machine()
+    with common.WorkDir("overload") as work:
         servers = {
-            "on": ballast_server(work / "on.db", stdout=work / "on.log"),
-            "off": ballast_server(work / "off.db", stdout=work / "off.log", extra_env={
+            "on": common.ballast_server(work / "on.db", stdout=work / "on.log"),
+            "off": common.ballast_server(work / "off.db", stdout=work / "off.log", extra_env={
                 "BALLAST__PLUGINS__ADAPTIVE_CONCURRENCY__ENABLED": "false"}),
         }
         rows: list[dict[str, Any]] = []
@@ -95,7 +94,7 @@ def run(seconds: float, capacity: int, rounds: int) -> dict[str, Any]:
             for s in servers.values():
                 s.start()
                 for sid in SESSIONS:
-                    http_json("POST", f"{s.origin}/v1/sessions", {"session_id": sid})
+                    common.http_json("POST", f"{s.origin}/v1/sessions", {"session_id": sid})
                 asyncio.run(_load(s.port, capacity, 1.0))  # warm-up
             for r in range(rounds):
                 for i, multiple in enumerate(MULTIPLES):
@@ -117,7 +116,7 @@ def run(seconds: float, capacity: int, rounds: int) -> dict[str, Any]:
     for multiple in MULTIPLES:
         at = [row for row in rows if row["multiple"] == multiple]
         summary.append({"multiple": multiple, "connections": at[0]["connections"], **{
-            f"{name}_{key}": median([row[name][key] for row in at])
+            f"{name}_{key}": common.median([row[name][key] for row in at])
             for name in ("on", "off") for key in ("goodput", "p50_ms", "p99_ms", "shed")}})
     return {"benchmark": "overload", "machine": info,
             "method": {"batch": BATCH, "capacity_connections": capacity, "seconds": seconds,
@@ -139,18 +138,13 @@ def chart(summary: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, rounds=1)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per load level and server")
     parser.add_argument("--capacity", type=int, default=4, help="connections that saturate one server")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.seconds, args.capacity, args.rounds)
-    if not args.no_write:
-        write_result("overload", result)
-    print(result["chart"])
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    shown = result["chart"] + "\n" + json.dumps(result["summary"], indent=1)
+    return common.finish("overload", result, args, shown)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ early and late batches of the same run, so the ratios are side by side.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, write_result
+from bench import common
 
 BATCH = 500
 SAMPLES = 10  # batches timed at each end
@@ -64,11 +63,10 @@ async def one_round(total: int) -> dict[str, float]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser(__doc__, rounds=3)
     parser.add_argument("--participants", type=int, default=150_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         row = asyncio.run(one_round(args.participants))
@@ -79,7 +77,7 @@ def main() -> int:
     join_ratio = statistics.median(r["join_ratio"] for r in rounds)
     note_ratio = statistics.median(r["note_ratio"] for r in rounds)
     result = {
-        "machine": machine(),
+        "machine": common.machine(),
         "method": f"{args.participants} participants joined in batches of {BATCH} on the store; "
                   f"median of the first and last {SAMPLES} batches per round",
         "rounds": rounds,
@@ -88,12 +86,10 @@ def main() -> int:
         "targets": {
             "join batch at the end vs the start": {
                 "target": "<= 2.0", "measured": round(join_ratio, 2),
-                "result": "MET" if join_ratio <= 2.0 else "MISSED"},
+                "result": common.verdict(join_ratio <= 2.0)},
         },
     }
-    write_result("participants", result)
-    print(result["medians"])
-    return 0
+    return common.finish("participants", result, args, result["medians"])
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ count / calls), and the attempts each call reported (``UpstreamResponse.attempts
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import sys
 from collections import Counter
@@ -36,7 +34,7 @@ from ballast.telemetry import Telemetry
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, median, verdict, write_result
+from bench import common
 
 BACKOFF = {"START_TIMEOUT_S": "0.005", "FACTOR": "2", "MAX_TIMEOUT_S": "0.02"}
 CONCURRENCY = 20
@@ -51,7 +49,7 @@ def expected(p: float, attempts: int) -> dict[str, float]:
 
 async def scenario(p: float | None, calls: int, seed: int) -> dict[str, Any]:
     """``p`` is the fault probability; ``None`` means hard down (always 503)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(common.ROOT / "tests"))
     from fake_upstream import FakeUpstream, Step
 
     from ballast import logging as blog
@@ -124,7 +122,7 @@ async def scenario(p: float | None, calls: int, seed: int) -> dict[str, Any]:
 
 
 def run(calls: int, rounds: int, base_seed: int) -> dict[str, Any]:
-    info = machine()  # taken before the run: date and load average at its start
+    info = common.machine()  # taken before the run: date and load average at its start
     scenarios: dict[str, Any] = {}
     for p in (0.1, 0.3, None):
         name = "hard_down" if p is None else f"p{int(p * 100)}"
@@ -136,8 +134,8 @@ def run(calls: int, rounds: int, base_seed: int) -> dict[str, Any]:
         total_calls = sum(x["calls"] for x in runs)
         scenarios[name] = {
             "rounds": n_rounds,
-            "median_success_rate": median([x["success_rate"] for x in runs]),
-            "median_attempts_per_call": round(median([x["attempts_per_call"] for x in runs]), 4),
+            "median_success_rate": common.median([x["success_rate"] for x in runs]),
+            "median_attempts_per_call": round(common.median([x["attempts_per_call"] for x in runs]), 4),
             "pooled_success_rate": sum(x["succeeded"] for x in runs) / total_calls,
             "pooled_attempts_per_call": round(sum(x["upstream_attempts"] for x in runs) / total_calls, 4),
             "expected": None if p is None else {
@@ -152,17 +150,17 @@ def run(calls: int, rounds: int, base_seed: int) -> dict[str, Any]:
              and down_run["upstream_attempts"] == down_run["attempts_setting"] * down_run["calls"])
     targets = {
         "p10_success_rate": {"target": ">= 0.999", "measured": p10["median_success_rate"],
-                             "result": verdict(p10["median_success_rate"] >= 0.999)},
+                             "result": common.verdict(p10["median_success_rate"] >= 0.999)},
         "p10_attempts_per_call": {"target": "<= 1.12", "measured": p10["median_attempts_per_call"],
-                                  "result": verdict(p10["median_attempts_per_call"] <= 1.12)},
+                                  "result": common.verdict(p10["median_attempts_per_call"] <= 1.12)},
         "p30_attempts_per_call": {"target": "<= 1.45", "measured": p30["median_attempts_per_call"],
-                                  "result": verdict(p30["median_attempts_per_call"] <= 1.45)},
+                                  "result": common.verdict(p30["median_attempts_per_call"] <= 1.45)},
         "hard_down_attempts": {
             "target": f"exactly {down_run['attempts_setting']} per call",
             "measured": f"min {down_run['min_attempts_per_call']}, max "
                         f"{down_run['max_attempts_per_call']}, "
                         f"{down_run['attempts_per_call']:.3f} per call",
-            "result": verdict(exact)},
+            "result": common.verdict(exact)},
     }
     return {
         "benchmark": "retry",
@@ -182,18 +180,13 @@ def run(calls: int, rounds: int, base_seed: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, rounds=5)
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1, help="first seed; round r uses seed + r")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.calls, args.rounds, args.seed)
-    if not args.no_write:
-        write_result("retry", result)
     summary = {name: {k: v for k, v in s.items() if k != "runs"} for name, s in result["scenarios"].items()}
-    print(json.dumps({"scenarios": summary, "targets": result["targets"]}, indent=2))
-    return 0
+    return common.finish("retry", result, args, {"scenarios": summary, "targets": result["targets"]})
 
 
 if __name__ == "__main__":

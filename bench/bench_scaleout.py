@@ -22,7 +22,6 @@ databases there and drops them at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -35,17 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ballast.config import redact_url
-from bench.common import (
-    LUA_DIR,
-    WorkDir,
-    ballast_server,
-    http_json,
-    machine,
-    median,
-    verdict,
-    write_result,
-    wrk,
-)
+from bench import common
 
 SESSIONS = 64
 PREFIX = "scale-"
@@ -84,7 +73,7 @@ def _wait_workers(log: Path, workers: int, timeout: float = 30.0) -> None:
 
 
 def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
-    info = machine()
+    info = common.machine()
     pg_server = os.environ.get("BALLAST_BENCH_PG_URL", DEFAULT_PG)
     tag = secrets.token_hex(3)
     pg_dbs = {"pg_x1": f"ballast_bench_{tag}_x1", "pg_w2": f"ballast_bench_{tag}_w2"}
@@ -92,7 +81,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         asyncio.run(_admin(pg_server, f'CREATE DATABASE "{name}"'))
     per_round: list[dict[str, Any]] = []
     try:
-        with WorkDir("scaleout") as work:
+        with common.WorkDir("scaleout") as work:
             servers = {}
             for config in CONFIGS:
                 workers = 2 if config.endswith("w2") else 1
@@ -100,37 +89,33 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
                 if config.startswith("pg"):
                     env.update({"BALLAST__STORAGE__BACKEND": "postgres",
                                 "BALLAST__STORAGE__URL": _with_database(pg_server, pg_dbs[config])})
-                servers[config] = ballast_server(work / f"{config}.db", stdout=work / f"{config}.log",
-                                                 extra_env=env)
+                servers[config] = common.ballast_server(work / f"{config}.db", stdout=work / f"{config}.log",
+                                                        extra_env=env)
             for server in servers.values():
                 server.start()
             try:
                 for config, server in servers.items():
                     _wait_workers(work / f"{config}.log", 2 if config.endswith("w2") else 1)
-                    for i in range(SESSIONS):
-                        status, body = http_json("POST", f"{server.origin}/v1/sessions",
-                                                 {"session_id": f"{PREFIX}{i}", "title": "scale"})
-                        if status != 201:
-                            raise RuntimeError(f"{config}: could not create a session: {status} {body}")
-                mutations_lua = LUA_DIR / "mutations.lua"
-                get_lua = LUA_DIR / "get.lua"
+                    common.create_sessions(server.origin, PREFIX, SESSIONS, title="scale")
+                mutations_lua = common.LUA_DIR / "mutations.lua"
+                get_lua = common.LUA_DIR / "get.lua"
 
                 def load(config: str, kind: str, label: str) -> dict[str, Any]:
                     origin = servers[config].origin
                     if kind == "get":
-                        return wrk(f"{origin}/v1/sessions/{PREFIX}1", threads=1,
-                                   connections=connections, duration_s=duration, script=get_lua)
+                        return common.wrk(f"{origin}/v1/sessions/{PREFIX}1", threads=1,
+                                          connections=connections, duration_s=duration, script=get_lua)
                     per_request = 1 if kind == "single" else 100
-                    result = wrk(origin, threads=1, connections=connections, duration_s=duration,
-                                 script=mutations_lua,
-                                 script_args=[PREFIX, str(SESSIONS), str(per_request), label])
-                    result["mutations_per_s"] = round(result["rps"] * per_request, 1)
+                    result = common.wrk(origin, threads=1, connections=connections, duration_s=duration,
+                                        script=mutations_lua,
+                                        script_args=[PREFIX, str(SESSIONS), str(per_request), label])
+                    common.add_goodput(result, per_request)  # 2xx only
                     return result
 
                 for config in CONFIGS:  # warm-up: connections, caches, prepared statements
                     load(config, "single", f"warm-{config}")
                 for r in range(rounds):
-                    order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+                    order = common.rotated(CONFIGS, r)
                     row: dict[str, Any] = {"order": list(order)}
                     for config in order:
                         row[config] = {kind: load(config, kind, f"r{r}{config}{kind}") for kind in LOADS}
@@ -147,10 +132,10 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
             asyncio.run(_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
     def med(config: str, kind: str, key: str) -> float:
-        return round(median([row[config][kind][key] for row in per_round]), 1)
+        return round(common.median([row[config][kind][key] for row in per_round]), 1)
 
     def ratio(a: str, b: str, kind: str, key: str) -> float:
-        return round(median([row[a][kind][key] / row[b][kind][key] for row in per_round]), 2)
+        return round(common.median([row[a][kind][key] / row[b][kind][key] for row in per_round]), 2)
 
     table = {c: {"single_mutations_per_s": med(c, "single", "mutations_per_s"),
                  "batch100_mutations_per_s": med(c, "batch100", "mutations_per_s"),
@@ -168,6 +153,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "pg_x1_vs_sqlite_x1_batch100": ratio("pg_x1", "sqlite_x1", "batch100", "mutations_per_s"),
     }
     errors = {c: sum(row[c][k]["errors"] for row in per_round for k in LOADS) for c in CONFIGS}
+    non_2xx = {c: sum(row[c][k]["non_2xx"] for row in per_round for k in LOADS) for c in CONFIGS}
     return {
         "benchmark": "scaleout",
         "machine": info,
@@ -181,39 +167,33 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, Any]:
         "median": table,
         "ratios": ratios,
         "errors": errors,
+        "non_2xx": non_2xx,
         "targets": {
             "pg_w2_vs_pg_x1_batch100": {
                 "target": f">= {TARGET_PG_BATCH}x", "measured": ratios["pg_w2_vs_pg_x1_batch100"],
-                "result": verdict(ratios["pg_w2_vs_pg_x1_batch100"] >= TARGET_PG_BATCH)},
+                "result": common.verdict(ratios["pg_w2_vs_pg_x1_batch100"] >= TARGET_PG_BATCH)},
             "sqlite_w2_vs_sqlite_x1_get": {
                 "target": f">= {TARGET_SQLITE_GET}x", "measured": ratios["sqlite_w2_vs_sqlite_x1_get"],
-                "result": verdict(ratios["sqlite_w2_vs_sqlite_x1_get"] >= TARGET_SQLITE_GET)},
+                "result": common.verdict(ratios["sqlite_w2_vs_sqlite_x1_get"] >= TARGET_SQLITE_GET)},
         },
         "rounds": per_round,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--connections", type=int, default=64)
+    parser = common.parser(__doc__, rounds=3, duration=4.0, connections=64)
     args = parser.parse_args(argv)
     pg_server = os.environ.get("BALLAST_BENCH_PG_URL", DEFAULT_PG)
     try:
         asyncio.run(_admin(pg_server, "SELECT 1"))
     except Exception as exc:  # no server: record why, as the other benchmarks do
-        write_result("scaleout", {"benchmark": "scaleout", "machine": machine(),
-                                  "skipped": f"no PostgreSQL server at {redact_url(pg_server)} "
-                                             f"({type(exc).__name__})"})
-        print(f"skipped: no PostgreSQL server at {redact_url(pg_server)}", file=sys.stderr)
-        return 0
+        skipped = f"no PostgreSQL server at {redact_url(pg_server)} ({type(exc).__name__})"
+        return common.finish("scaleout", {"benchmark": "scaleout", "machine": common.machine(),
+                                          "skipped": skipped}, args, f"skipped: {skipped}")
     result = run(args.rounds, args.duration, args.connections)
-    path = write_result("scaleout", result)
-    print(f"wrote {path}", file=sys.stderr)
-    for name, target in result["targets"].items():
-        print(f"{name}: {target['measured']} (target {target['target']}): {target['result']}")
-    return 0
+    return common.finish("scaleout", result, args, "\n".join(
+        f"{name}: {t['measured']} (target {t['target']}): {t['result']}"
+        for name, t in result["targets"].items()))
 
 
 if __name__ == "__main__":

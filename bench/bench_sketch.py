@@ -8,24 +8,34 @@ Reads the ``duration_ms`` of every ``http.request`` line of a log written by
 * ``ddsketch.DDSketch(relative_accuracy=0.01)`` (``add``),
 * ``hdrh.histogram.HdrHistogram(1, 86_400_000_000, 2)`` over microseconds (``record_value``),
 
-then prints one JSON line: seconds per million values (median of ``--rounds``) and the
-relative error of p50 / p95 / p99 / p99.9 against the exact nearest-rank value.
+then writes ``bench/results/sketch.json``: seconds per million values (median of
+``--rounds``) and the relative error of p50 / p95 / p99 / p99.9 against the exact
+nearest-rank value. Without ``--log`` it writes a ``--lines`` log first. A candidate
+whose library is not installed (``pip install ddsketch hdrhistogram``) is recorded as
+skipped.
 
     python bench/bench_sketch.py --log /tmp/b1m.log   # a log kept with bench_logs.py --keep
+    python bench/bench_sketch.py --lines 1000000      # writes (and removes) its own log
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common
 
 QS = (0.5, 0.95, 0.99, 0.999)
 
@@ -107,16 +117,41 @@ CANDIDATES: dict[str, Callable[[list[float]], list[float]]] = {
 }
 
 
+#: candidate -> the module it needs, and how to install it
+NEEDS: dict[str, tuple[str, str]] = {"ddsketch": ("ddsketch", "pip install ddsketch"),
+                                     "hdrhistogram": ("hdrh", "pip install hdrhistogram")}
+
+
+def read_durations(log: str | None, lines: int) -> tuple[list[float], str]:
+    if log:
+        return durations(log), log
+    fd, path = tempfile.mkstemp(prefix="ballast-sketch-", suffix=".log")
+    os.close(fd)
+    try:
+        common.write_bench_log(lines, path)
+        return durations(path), f"bench_logs.py, {lines} lines"
+    finally:
+        os.unlink(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = common.parser(__doc__, rounds=3)
+    parser.add_argument("--log", help="a log kept with bench_logs.py --keep")
+    parser.add_argument("--lines", type=int, default=1_000_000,
+                        help="lines of the log to write when there is no --log")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    values = durations(args.log)
+    info = common.machine()
+    values, source = read_durations(args.log, args.lines)
     truth = exact(values)
-    result: dict[str, Any] = {"values": len(values), "exact": dict(zip(map(str, QS), truth, strict=True))}
+    result: dict[str, Any] = {"benchmark": "sketch", "machine": info, "log": source, "values": len(values),
+                              "exact": dict(zip(map(str, QS), truth, strict=True))}
     for name, run in CANDIDATES.items():
+        module, install = NEEDS.get(name, ("ballast", ""))
+        try:
+            __import__(module)
+        except ImportError:
+            result[name] = {"skipped": f"not installed ({install})"}
+            continue
         times = []
         for _ in range(args.rounds):
             started = time.perf_counter()
@@ -128,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_rel_error": round(max(errors), 5),
             "rel_error": dict(zip(map(str, QS), (round(e, 5) for e in errors), strict=True)),
         }
-    print(orjson.dumps(result).decode())
-    return 0
+    return common.finish("sketch", result, args, {k: v for k, v in result.items() if k != "machine"})
 
 
 if __name__ == "__main__":

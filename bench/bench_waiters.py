@@ -18,7 +18,6 @@ median; the CPU per second of the waiting server with no other traffic.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import threading
@@ -31,20 +30,9 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    ROOT,
-    WorkDir,
-    ballast_server,
-    cpu_seconds,
-    http_json,
-    machine,
-    median,
-    verdict,
-    write_result,
-    wrk,
-)
+from bench import common
 
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(common.ROOT / "tests"))
 from fake_upstream import FakeUpstreamProcess
 
 TARGET_RATIO = 0.9  # waiting / idle throughput
@@ -53,16 +41,16 @@ TARGET_RATIO = 0.9  # waiting / idle throughput
 def _prepare(origin: str) -> None:
     """A session to read, and one whose finalize job hangs in its report stage."""
     for sid in ("probe", "held"):
-        status, body = http_json("POST", f"{origin}/v1/sessions", {
+        status, body = common.http_json("POST", f"{origin}/v1/sessions", {
             "session_id": sid, "participants": [{"name": "Alice"}, {"name": "Bob"}]})
         assert status == 201, body
-        status, body = http_json("POST", f"{origin}/v1/sessions/{sid}/mutations", {"mutations": [
+        status, body = common.http_json("POST", f"{origin}/v1/sessions/{sid}/mutations", {"mutations": [
             {"type": "utterance", "speaker": "spk_0", "start_ms": 0, "end_ms": 900, "text": "Hi, I'm Alice."},
             {"type": "utterance", "speaker": "spk_1", "start_ms": 900, "end_ms": 1800, "text": "Bob here."},
             {"type": "speaker_renamed", "speaker": "spk_0", "name": "Alice"},
             {"type": "speaker_renamed", "speaker": "spk_1", "name": "Bob"}]})
         assert status == 200, body
-    status, body = http_json("POST", f"{origin}/v1/sessions/held/finalize")
+    status, body = common.http_json("POST", f"{origin}/v1/sessions/held/finalize")
     assert status == 202 and body["job"]["state"] == "running", body
 
 
@@ -113,21 +101,19 @@ class Waiters:
                 self.answers[key] = self.answers.get(key, 0) + 1
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=3.0)
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser(__doc__, rounds=5, duration=3.0)
     parser.add_argument("--waiters", type=int, default=200)
-    args = parser.parse_args()
-    info = machine()
+    args = parser.parse_args(argv)
+    info = common.machine()
 
-    with FakeUpstreamProcess(default="hang:3600") as fake, WorkDir("waiters") as work:
+    with FakeUpstreamProcess(default="hang:3600") as fake, common.WorkDir("waiters") as work:
         env = {"BALLAST__INFERENCE__PROVIDER": "openai", "BALLAST__INFERENCE__BASE_URL": fake.base_url,
                "BALLAST__INFERENCE__MODEL": "m", "BALLAST__INFERENCE__TIMEOUT_MS": "600000",
                "BALLAST__PLUGINS__TIMEOUT_BUDGET__FINALIZE_MS": "3600000",
                "BALLAST__LOGGING__LEVEL": "warning"}
-        servers = {name: ballast_server(work / f"{name}.db", durability="normal", extra_env=env,
-                                        stdout=work / f"{name}.log") for name in ("idle", "waiting")}
+        servers = {name: common.ballast_server(work / f"{name}.db", durability="normal", extra_env=env,
+                                               stdout=work / f"{name}.log") for name in ("idle", "waiting")}
         for server in servers.values():
             server.start()
         try:
@@ -136,28 +122,28 @@ def main() -> None:
             waiting = servers["waiting"]
             with Waiters(f"{waiting.origin}/v1/sessions/held/finalize?wait=30", args.waiters) as waiters:
                 # What 200 parked requests cost when nothing else happens.
-                before = cpu_seconds(waiting.pid)
+                before = common.cpu_seconds(waiting.pid)
                 time.sleep(2.0)
-                idle_cpu_per_s = (cpu_seconds(waiting.pid) - before) / 2.0
+                idle_cpu_per_s = (common.cpu_seconds(waiting.pid) - before) / 2.0
                 rounds: list[dict[str, Any]] = []
                 for r in range(args.rounds):
                     order = ["idle", "waiting"] if r % 2 == 0 else ["waiting", "idle"]
                     row: dict[str, Any] = {}
                     for name in order:
-                        row[name] = wrk(servers[name].origin + "/v1/sessions/probe", connections=16,
-                                        duration_s=args.duration)
+                        row[name] = common.wrk(servers[name].origin + "/v1/sessions/probe", connections=16,
+                                               duration_s=args.duration)
                     row["ratio"] = row["waiting"]["rps"] / row["idle"]["rps"]
                     rounds.append(row)
                     print(f"round {r + 1}: idle {row['idle']['rps']:.0f} req/s, waiting "
                           f"{row['waiting']['rps']:.0f} req/s, ratio {row['ratio']:.3f}", flush=True)
                 answers = dict(waiters.answers)
-            status, body = http_json("GET", f"{waiting.origin}/v1/sessions/held/finalize")
+            status, body = common.http_json("GET", f"{waiting.origin}/v1/sessions/held/finalize")
             assert status == 200 and body["job"]["state"] == "running"
         finally:
             for server in servers.values():
                 server.stop()
 
-    ratio = median([row["ratio"] for row in rounds])
+    ratio = common.median([row["ratio"] for row in rounds])
     result = {
         "machine": info,
         "method": __doc__,
@@ -166,20 +152,20 @@ def main() -> None:
         "waiter_answers_during_run": answers,
         "waiting_server_cpu_s_per_s_with_only_waiters": round(idle_cpu_per_s, 4),
         "median": {
-            "idle_rps": median([row["idle"]["rps"] for row in rounds]),
-            "waiting_rps": median([row["waiting"]["rps"] for row in rounds]),
-            "idle_p99_ms": median([row["idle"]["p99_ms"] for row in rounds]),
-            "waiting_p99_ms": median([row["waiting"]["p99_ms"] for row in rounds]),
+            "idle_rps": common.median([row["idle"]["rps"] for row in rounds]),
+            "waiting_rps": common.median([row["waiting"]["rps"] for row in rounds]),
+            "idle_p99_ms": common.median([row["idle"]["p99_ms"] for row in rounds]),
+            "waiting_p99_ms": common.median([row["waiting"]["p99_ms"] for row in rounds]),
             "ratio": ratio,
         },
         "targets": {"GET session throughput, 200 waiters / none": {
             "target": f">= {TARGET_RATIO}", "measured": round(ratio, 3),
-            "result": verdict(ratio >= TARGET_RATIO)}},
+            "result": common.verdict(ratio >= TARGET_RATIO)}},
     }
-    path = write_result("waiters", result)
-    print(f"median ratio {ratio:.3f}; waiting server CPU with only waiters "
-          f"{idle_cpu_per_s * 1000:.1f} ms/s; answers during the run {answers}; wrote {path}")
+    return common.finish("waiters", result, args, (
+        f"median ratio {ratio:.3f}; waiting server CPU with only waiters "
+        f"{idle_cpu_per_s * 1000:.1f} ms/s; answers during the run {answers}"))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

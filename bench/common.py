@@ -4,10 +4,15 @@ Benchmarks run real processes on loopback: ``ballast serve`` (or the bare app) a
 child with its own SQLite file, driven by ``wrk`` or by a small client. A busy or
 shared machine makes absolute numbers drift, so each benchmark measures its baseline
 side by side in the same run and reports ratios and medians over rounds.
+
+Only the standard library is imported at the top, so the baseline apps
+(:mod:`bench.bare_app`, :mod:`bench.naive_app`) can use :func:`app_main` without
+loading Ballast into their process.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,12 +26,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from ballast.plugin_manager import BUILTIN_PLUGINS
+if TYPE_CHECKING:
+    from aiohttp import web
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -35,10 +41,21 @@ LUA_DIR = BENCH_DIR / "lua"
 PYTHON = sys.executable
 BALLAST = str(Path(PYTHON).with_name("ballast"))
 
-#: Every builtin plugin, for switching them all off by environment.
-#: Every builtin plugin, so "all off" stays all off as plugins are added; "all on" is the
-#: default config, whatever it enables.
-PLUGINS = tuple(name for name, _ in BUILTIN_PLUGINS)
+
+def builtin_plugins() -> tuple[str, ...]:
+    """Every builtin plugin, so "all off" stays all off as plugins are added ("all on" is
+    the default config, whatever it enables)."""
+    from ballast.plugin_manager import BUILTIN_PLUGINS
+
+    return tuple(name for name, _ in BUILTIN_PLUGINS)
+
+
+def default_on_plugins() -> tuple[str, ...]:
+    """The builtin plugins the default config enables."""
+    import tomllib
+
+    plugins = tomllib.loads((ROOT / "config" / "default.toml").read_text()).get("plugins", {})
+    return tuple(name for name in builtin_plugins() if plugins.get(name, {}).get("enabled", False))
 
 
 # ---------------------------------------------------------------------- the machine
@@ -80,6 +97,45 @@ def write_result(name: str, data: Mapping[str, Any]) -> Path:
 
 def verdict(met: bool) -> str:
     return "MET" if met else "MISSED"
+
+
+def rotated(names: Sequence[str], r: int) -> list[str]:
+    """Round ``r``'s order: the list turned by ``r``, so no server is always measured first."""
+    k = r % len(names)
+    return [*names[k:], *names[:k]]
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def parser(doc: str | None, *, write: bool = True, rounds: int | None = None,
+           duration: float | None = None, connections: int | None = None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring's first paragraph, ``--no-write``, and
+    ``--rounds`` / ``--duration`` / ``--connections`` with the defaults given (each only
+    when given)."""
+    p = argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()) or None)
+    if write:
+        p.add_argument("--no-write", action="store_true", help="print only; keep results/ as is")
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help="rounds (default %(default)s)")
+    if duration is not None:
+        p.add_argument("--duration", type=float, default=duration,
+                       help="seconds per load run (default %(default)s)")
+    if connections is not None:
+        p.add_argument("--connections", type=int, default=connections,
+                       help="wrk connections (default %(default)s)")
+    return p
+
+
+def finish(name: str, result: Mapping[str, Any], args: argparse.Namespace, shown: Any) -> int:
+    """Write ``results/<name>.json`` (unless ``--no-write``), print ``shown``; exit status 0.
+
+    ``shown`` is printed as it is when it is a string, as indented JSON otherwise.
+    """
+    if not getattr(args, "no_write", False):
+        write_result(name, result)
+    print(shown if isinstance(shown, str) else json.dumps(shown, indent=2))
+    return 0
 
 
 # ---------------------------------------------------------------------- processes
@@ -125,6 +181,15 @@ def http_json(method: str, url: str, payload: Any = None, timeout: float = 30.0)
             return exc.code, json.loads(body)
         except ValueError:
             return exc.code, body.decode(errors="replace")
+
+
+def create_sessions(origin: str, prefix: str, count: int, **fields: Any) -> None:
+    """Create sessions ``<prefix>0`` .. ``<prefix><count - 1>`` (with ``fields``); any
+    answer but 201 stops the benchmark."""
+    for i in range(count):
+        status, body = http_json("POST", f"{origin}/v1/sessions", {"session_id": f"{prefix}{i}", **fields})
+        if status != 201:
+            raise RuntimeError(f"{origin}: could not create a session: {status} {body}")
 
 
 class ServerProcess:
@@ -207,7 +272,7 @@ def ballast_env(db: Path, port: int, *, plugins_on: bool = True, durability: str
         "BALLAST__STORAGE__DURABILITY": durability,
     })
     if not plugins_on:
-        for name in PLUGINS:
+        for name in builtin_plugins():
             env[f"BALLAST__PLUGINS__{name.upper()}__ENABLED"] = "false"
     if extra:
         env.update(extra)
@@ -233,6 +298,12 @@ class WorkDir:
     def __exit__(self, *exc: object) -> None:
         if not os.environ.get("BALLAST_BENCH_KEEP"):
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_bench_log(lines: int, path: str) -> None:
+    """Write a synthetic server log of ``lines`` lines to ``path`` with ``bench_logs.py``."""
+    subprocess.run([PYTHON, str(BENCH_DIR / "bench_logs.py"), "--lines", str(lines),
+                    "--rounds", "1", "--keep", path], check=True, capture_output=True, timeout=1800)
 
 
 # ---------------------------------------------------------------------- wrk
@@ -263,3 +334,57 @@ def wrk(url: str, *, threads: int = 1, connections: int = 16, duration_s: float 
             result: dict[str, Any] = json.loads(line)
             return result
     raise RuntimeError(f"wrk printed no result (exit {proc.returncode}): {proc.stdout}\n{proc.stderr}")
+
+
+def wrk_cpu(server: ServerProcess, path: str = "", **kwargs: Any) -> dict[str, Any]:
+    """:func:`wrk` against ``path`` on ``server``, adding the server's CPU time over the run.
+
+    Adds ``cpu_s`` and ``cpu_us_per_request`` (all its threads, user + system): steadier
+    than throughput on a busy machine, and what the request path costs.
+    """
+    before = cpu_seconds(server.pid)
+    result = wrk(server.origin + path, **kwargs)
+    spent = cpu_seconds(server.pid) - before
+    result["cpu_s"] = round(spent, 4)
+    result["cpu_us_per_request"] = round(spent * 1e6 / max(result["requests"], 1), 1)
+    return result
+
+
+def add_goodput(result: dict[str, Any], per_request: int) -> int:
+    """Add ``mutations_per_s`` to a wrk result: mutations in 2xx answers only (wrk ignores
+    ``Retry-After``, so a refused request is retried at once and would count many
+    times). Returns the number of 2xx answers."""
+    ok = int(result["requests"] - result["non_2xx"])
+    result["mutations_per_s"] = round(ok * per_request / result["duration_s"], 1)
+    return ok
+
+
+def print_round(r: int, rounds: int, row: Mapping[str, Any], names: Sequence[str]) -> None:
+    """One progress line on stderr: each server's req/s and CPU per request this round."""
+    print(f"round {r + 1}/{rounds}: " + ", ".join(
+        f"{n} {row[n]['rps']:.0f} rps {row[n]['cpu_us_per_request']:.0f} us cpu/req" for n in names),
+        file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- baseline apps
+
+
+def app_main(doc: str | None, build: Callable[[argparse.Namespace], web.Application],
+             configure: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Run a baseline app (``--db``, ``--port``) on 127.0.0.1, with ``/healthz`` for
+    :class:`ServerProcess`, no access log and nothing printed."""
+    from aiohttp import web
+
+    p = parser(doc, write=False)
+    p.add_argument("--db", required=True)
+    p.add_argument("--port", type=int, required=True)
+    if configure is not None:
+        configure(p)
+    args = p.parse_args()
+    app = build(args)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)

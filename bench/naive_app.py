@@ -17,10 +17,17 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (session_id TEXT PRIMARY KEY, title TEXT, last_seq INTEGER NOT NULL);
@@ -79,9 +86,9 @@ class Db:
 DB = web.AppKey("db", Db)
 
 
-def build(path: str) -> web.Application:
+def build(args: argparse.Namespace) -> web.Application:
     app = web.Application()
-    app[DB] = Db(path)
+    app[DB] = Db(args.db)
 
     async def create_session(request: web.Request) -> web.Response:
         body = json.loads(await request.read())
@@ -102,22 +109,10 @@ def build(path: str) -> web.Application:
             return web.json_response({"error": "no such session"}, status=404)
         return web.json_response({"accepted": accepted, "last_seq": accepted[-1]["seq"]})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/sessions", create_session)
     app.router.add_post("/v1/sessions/{session_id}/mutations", append)
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(build(args.db), host="127.0.0.1", port=args.port, access_log=None, print=None)
-
-
 if __name__ == "__main__":
-    main()
+    common.app_main(__doc__, build)
