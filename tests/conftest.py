@@ -1,4 +1,5 @@
-"""Fixtures every test folder shares: a fresh PostgreSQL database when one is configured.
+"""Fixtures every test folder shares: the fake upstream, a shared client provider, and a
+fresh PostgreSQL database when one is configured.
 
 Tests that need PostgreSQL take ``pg_url``. The server is the one named by
 ``BALLAST_TEST_PG_URL`` (``.ci/run`` sets it when a server answers at 127.0.0.1:5432).
@@ -14,9 +15,13 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
+from fake_upstream import FakeUpstream
+
+from ballast.plugins.shared_client import SharedClientProvider
 
 PG_ENV = "BALLAST_TEST_PG_URL"
 
@@ -62,3 +67,20 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
         yield _with_database(pg_server_url, name)
     finally:
         asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest_asyncio.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """The scripted fake upstream (tests/fake_upstream.py), in this process, on loopback."""
+    async with FakeUpstream() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def provider() -> AsyncIterator[SharedClientProvider]:
+    """The shared outbound client provider, closed after the test."""
+    p = SharedClientProvider()
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -16,13 +16,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from fake_upstream import (
     INTERNAL_MARKER,
     FakeUpstream,
@@ -48,12 +46,6 @@ REPORT_BODY = {
         {"role": "user", "content": "Transcript:\nAlice: welcome\nBob: I will send the notes"},
     ],
 }
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as server:
-        yield server
 
 
 async def post(url: str, body: Any = RESOLVE_BODY, *, total_s: float = 5.0,

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
 from resilience_support import FakeClock, RecordingExporter
 from structlog.testing import capture_logs
@@ -31,21 +29,6 @@ from ballast.upstream import (
 )
 
 MIB = 1024 * 1024
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as server:
-        yield server
-
-
-@pytest_asyncio.fixture
-async def provider() -> AsyncIterator[SharedClientProvider]:
-    p = SharedClientProvider()
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 def request_to(fake: FakeUpstream, **kw: Any) -> UpstreamRequest:

@@ -4,12 +4,10 @@ wrapper in front of a real fake upstream, then the plugin's hooks and settings."
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
 from pydantic import ValidationError
 from resilience_support import FakeClock, RecordingExporter
@@ -181,21 +179,6 @@ def test_which_errors_count_as_failures(kind: str, failed: bool) -> None:
 # --------------------------------------------------------------------------------------
 # the attempt wrapper, against the fake upstream
 # --------------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as server:
-        yield server
-
-
-@pytest_asyncio.fixture
-async def provider() -> AsyncIterator[SharedClientProvider]:
-    p = SharedClientProvider()
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 def request_to(fake: FakeUpstream) -> UpstreamRequest:

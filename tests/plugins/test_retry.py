@@ -14,7 +14,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import aiohttp_retry.client
 import pytest
-import pytest_asyncio
 from fake_upstream import FakeUpstream, Step
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,21 +64,6 @@ def retry_config(tmp_path: Path, **settings: Any) -> Config:
     config = load_settings(path, environ=environ)
     config.plugins["retry"] = Settings.model_validate(config.settings.plugins.get("retry", {}))
     return config
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as server:
-        yield server
-
-
-@pytest_asyncio.fixture
-async def provider() -> AsyncIterator[SharedClientProvider]:
-    p = SharedClientProvider()
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from fake_upstream import INTERNAL_MARKER, FakeUpstream, Step
 
 from ballast import budget
@@ -56,12 +54,6 @@ REPORT = ReportInput(
     ],
     notes=["budget approved"],
 )
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as server:
-        yield server
 
 
 def make_upstream(seen: list[UpstreamRequest] | None = None) -> Upstream:
