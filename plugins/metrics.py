@@ -89,6 +89,10 @@ def multiprocess_dir() -> str | None:
     return path or None
 
 
+#: A family's series at one moment: label values, a copy of the cell, its reader if sampled.
+_Snapshot = list[tuple[tuple[str, ...], list[float], Callable[[], float] | None]]
+
+
 class _Family:
     """One metric's values in single-process mode: a cell (a list of floats) per label
     tuple. A counter's or gauge's cell is ``[value]``; a histogram's is one count per
@@ -130,15 +134,18 @@ class _Family:
             raise ValueError(f"{self.spec.name} takes labels {self.spec.labels}, got {len(labels)} values")
         return tuple(str(v) for v in labels)
 
-    def metric(self) -> Metric:
+    def snapshot(self) -> _Snapshot:
+        """Copies of the cells (taken under the exporter's lock)."""
+        return [(key, cell.copy(), self.reads.get(key)) for key, cell in self.cells.items()]
+
+    def metric(self, snapshot: _Snapshot) -> Metric:
         """This family as prometheus-client's own metric object would collect it."""
         spec = self.spec
         name = _family_name(spec)
         metric = Metric(name, spec.help, spec.type)
         labelnames = spec.labels
-        for key, cell in list(self.cells.items()):
+        for key, cell, read in snapshot:
             labels = dict(zip(labelnames, key, strict=True))
-            read = self.reads.get(key)
             if read is not None:
                 metric.add_sample(name, labels, float(read()))
             elif spec.type == "counter":
@@ -164,10 +171,12 @@ class LocalCollector(Collector):
         self._lock = lock
 
     def collect(self) -> Iterator[Metric]:
-        # Under the lock, so a histogram's buckets, count and sum are read together.
+        # Copied under the lock, so a histogram's buckets, count and sum agree; sampled
+        # gauges are read after it is released (a reader may record metrics itself).
         with self._lock:
-            metrics = [family.metric() for family in self._families.values()]
-        yield from metrics
+            snapshots = [(family, family.snapshot()) for family in self._families.values()]
+        for family, snapshot in snapshots:
+            yield family.metric(snapshot)
 
     def describe(self) -> Iterator[Metric]:
         for family in self._families.values():

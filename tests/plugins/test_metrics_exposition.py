@@ -149,3 +149,21 @@ def test_bad_calls_are_refused_as_prometheus_client_refuses_them() -> None:
     with pytest.raises(ValueError):
         ours.inc("ballast_upstream_retries_total", "inference")  # one label value short
     assert Scrape(ours.text().decode()).total("ballast_upstream_retries_total") == 0
+
+
+def test_a_sampled_gauge_may_record_while_it_is_read() -> None:
+    ours = Ours()
+    rejected = ours.telemetry.counter("ballast_executor_rejected_total")
+
+    def read() -> float:
+        rejected.inc()  # recording from inside a scrape must not wait on the scrape
+        return 1.0
+
+    ours.sample("ballast_executor_queued", read)
+    texts: list[bytes] = []
+    scraper = threading.Thread(target=lambda: texts.append(ours.text()), daemon=True)
+    scraper.start()
+    scraper.join(30)
+    assert not scraper.is_alive(), "the scrape waited on itself"
+    assert Scrape(texts[0].decode()).total("ballast_executor_queued") == 1
+    assert Scrape(ours.text().decode()).total("ballast_executor_rejected_total") == 2
