@@ -166,4 +166,5 @@ def test_a_sampled_gauge_may_record_while_it_is_read() -> None:
     scraper.join(30)
     assert not scraper.is_alive(), "the scrape waited on itself"
     assert Scrape(texts[0].decode()).total("ballast_executor_queued") == 1
-    assert Scrape(ours.text().decode()).total("ballast_executor_rejected_total") == 2
+    # The next scrape shows the first read's count (values are copied before gauges are read).
+    assert Scrape(ours.text().decode()).total("ballast_executor_rejected_total") == 1
