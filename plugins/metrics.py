@@ -8,8 +8,16 @@ registry in the text format (``text/plain; version=0.0.4``).
 
 Why an exporter object rather than prometheus-client calls all over the code: the
 catalogue stays the one list of names (docs, dashboard and alert rules are checked
-against it), disabling the plugin makes recording free, and the per-call path is one
-dict lookup for a cached label child plus prometheus-client's own ``inc``/``observe``.
+against it), and disabling the plugin makes recording free.
+
+**One process** (the default). Every request records a counter and a histogram, so
+recording is kept to plain Python: a value per label tuple in a dict (a histogram's
+cell holds its per-bucket counts and sum; the bucket is found with ``bisect``), under
+one lock for all metrics. prometheus-client's objects take a lock per value and
+search the buckets in Python, several times the cost. A scrape turns the cells into
+the same metric families prometheus-client would export (:class:`LocalCollector`:
+names, types, help, labels, buckets; no ``_created`` series), and prometheus-client
+writes the text.
 
 **Several worker processes.** With ``PROMETHEUS_MULTIPROC_DIR`` set (``ballast serve
 --workers N`` sets it and empties the directory on start), values live in memory-mapped
@@ -30,14 +38,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import threading
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import prometheus_client
 from aiohttp import web
 from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from pydantic import Field
 
 from ballast.config import Config, PluginSection
@@ -76,6 +89,107 @@ def multiprocess_dir() -> str | None:
     return path or None
 
 
+#: A family's series at one moment: label values, a copy of the cell, its reader if sampled.
+_Snapshot = list[tuple[tuple[str, ...], list[float], Callable[[], float] | None]]
+
+
+class _Family:
+    """One metric's values in single-process mode: a cell (a list of floats) per label
+    tuple. A counter's or gauge's cell is ``[value]``; a histogram's is one count per
+    bucket (``+Inf`` last, not cumulative) and then the sum."""
+
+    __slots__ = ("bounds", "by_labels", "cells", "les", "reads", "spec")
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        #: Histogram upper bounds with ``+Inf`` appended, as prometheus-client keeps them.
+        self.bounds: tuple[float, ...] = (*(float(b) for b in spec.buckets), float("inf")) \
+            if spec.type == "histogram" else ()
+        #: The bounds as ``le`` label values.
+        self.les: tuple[str, ...] = tuple(floatToGoString(b) for b in self.bounds)  # type: ignore[no-untyped-call]
+        #: The label values as recorded -> cell; values equal as strings share a cell
+        #: (a ``Reason`` member and its string have different hashes).
+        self.by_labels: dict[tuple[str, ...], list[float]] = {}
+        #: The label values as exported (plain strings) -> cell, in first-recorded order.
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+        #: Gauges read at scrape time, by exported label values.
+        self.reads: dict[tuple[str, ...], Callable[[], float]] = {}
+        if not spec.labels:  # an unlabelled metric is exported as zero before any call
+            self.cell(())
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        """The cell of ``labels``, made on first use (the slow path: checks the labels)."""
+        cell = self.by_labels.get(labels)
+        if cell is None:
+            key = self.key(labels)
+            cell = self.cells.get(key)
+            if cell is None:
+                cell = [0.0] * (len(self.bounds) + 1 if self.bounds else 1)
+                self.cells[key] = cell
+            self.by_labels[labels] = cell
+        return cell
+
+    def key(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) != len(self.spec.labels):
+            raise ValueError(f"{self.spec.name} takes labels {self.spec.labels}, got {len(labels)} values")
+        return tuple(str(v) for v in labels)
+
+    def snapshot(self) -> _Snapshot:
+        """Copies of the cells (taken under the exporter's lock)."""
+        return [(key, cell.copy(), self.reads.get(key)) for key, cell in self.cells.items()]
+
+    def metric(self, snapshot: _Snapshot) -> Metric:
+        """This family as prometheus-client's own metric object would collect it."""
+        spec = self.spec
+        name = _family_name(spec)
+        metric = Metric(name, spec.help, spec.type)
+        labelnames = spec.labels
+        for key, cell, read in snapshot:
+            labels = dict(zip(labelnames, key, strict=True))
+            if read is not None:
+                metric.add_sample(name, labels, float(read()))
+            elif spec.type == "counter":
+                metric.add_sample(name + "_total", labels, cell[0])
+            elif spec.type == "gauge":
+                metric.add_sample(name, labels, cell[0])
+            else:
+                acc = 0.0
+                for le, count in zip(self.les, cell, strict=False):
+                    acc += count
+                    metric.add_sample(name + "_bucket", {**labels, "le": le}, acc)
+                metric.add_sample(name + "_count", labels, acc)
+                if self.bounds[0] >= 0:
+                    metric.add_sample(name + "_sum", labels, cell[-1])
+        return metric
+
+
+class LocalCollector(Collector):
+    """Exports the single-process cells, every catalogue metric in catalogue order."""
+
+    def __init__(self, families: dict[str, _Family], lock: threading.Lock) -> None:
+        self._families = families
+        self._lock = lock
+
+    def collect(self) -> Iterator[Metric]:
+        # Copied under the lock, so a histogram's buckets, count and sum agree; sampled
+        # gauges are read after it is released (a reader may record metrics itself).
+        with self._lock:
+            snapshots = [(family, family.snapshot()) for family in self._families.values()]
+        for family, snapshot in snapshots:
+            yield family.metric(snapshot)
+
+    def describe(self) -> Iterator[Metric]:
+        for family in self._families.values():
+            yield Metric(_family_name(family.spec), family.spec.help, family.spec.type)
+
+
+def _family_name(spec: MetricSpec) -> str:
+    """prometheus-client names a counter's family without ``_total`` (its sample has it)."""
+    if spec.type == "counter" and spec.name.endswith("_total"):
+        return spec.name[:-len("_total")]
+    return spec.name
+
+
 class PrometheusExporter:
     """A :class:`ballast.telemetry.Exporter` over prometheus-client, one per app."""
 
@@ -92,17 +206,24 @@ class PrometheusExporter:
             # may have been set after that (``ballast serve`` sets it before the workers
             # build their apps), so pick again.
             prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
-        #: Declares the metrics; in single-process mode it is also what a scrape reads.
+        #: What a scrape reads in single-process mode.
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
-        self._metrics: dict[str, Any] = {name: self._declare(spec) for name, spec in METRICS.items()}
+        self._lock = threading.Lock()
+        #: Single-process mode: the values, by metric name; None in multiprocess mode.
+        self._families: dict[str, _Family] | None = None
+        self._metrics: dict[str, Any] = {}
         self._children: dict[str, dict[tuple[str, ...], Any]] = {name: {} for name in METRICS}
         self._samplers: list[tuple[Any, Callable[[], float]]] = []
+        if multiproc_dir is None:
+            self._families = {name: _Family(spec) for name, spec in METRICS.items()}
+            self.registry.register(LocalCollector(self._families, self._lock))
+        else:
+            self._metrics = {name: self._declare(spec) for name, spec in METRICS.items()}
 
     def _declare(self, spec: MetricSpec) -> Any:
-        # In multiprocess mode the declared metrics are not registered anywhere: a scrape
+        # Multiprocess mode: the declared metrics are not registered anywhere: a scrape
         # reads the files of every process instead (see scrape()).
-        registry = None if self.multiproc_dir else self.registry
-        kw: dict[str, Any] = {"labelnames": spec.labels, "registry": registry}
+        kw: dict[str, Any] = {"labelnames": spec.labels, "registry": None}
         if spec.type == "counter":
             return prometheus_client.Counter(spec.name, spec.help, **kw)
         if spec.type == "histogram":
@@ -123,21 +244,50 @@ class PrometheusExporter:
     # -- the Exporter protocol: the per-call path --------------------------------------
 
     def inc(self, spec: MetricSpec, labels: tuple[str, ...], amount: float) -> None:
-        self._child(spec, labels).inc(amount)
+        families = self._families
+        if families is None:
+            self._child(spec, labels).inc(amount)
+            return
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        family = families[spec.name]
+        with self._lock:
+            cell = family.by_labels.get(labels) or family.cell(labels)
+            cell[0] += amount
 
     def observe(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
-        self._child(spec, labels).observe(value)
+        families = self._families
+        if families is None:
+            self._child(spec, labels).observe(value)
+            return
+        family = families[spec.name]
+        with self._lock:
+            cell = family.by_labels.get(labels) or family.cell(labels)
+            if value == value:  # NaN falls in no bucket (but spoils the sum), as in prometheus-client
+                cell[bisect_left(family.bounds, value)] += 1
+            cell[-1] += value
 
     def set(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
-        self._child(spec, labels).set(value)
+        families = self._families
+        if families is None:
+            self._child(spec, labels).set(value)
+            return
+        family = families[spec.name]
+        with self._lock:
+            cell = family.by_labels.get(labels) or family.cell(labels)
+            cell[0] = float(value)
 
     def sample(self, spec: MetricSpec, labels: tuple[str, ...], read: Callable[[], float]) -> None:
-        child = self._child(spec, labels)
-        if self.multiproc_dir is None:
-            child.set_function(read)
-        else:
+        families = self._families
+        if families is None:
+            child = self._child(spec, labels)
             self._samplers.append((child, read))
             child.set(read())
+            return
+        family = families[spec.name]
+        with self._lock:
+            family.cell(labels)
+            family.reads[family.key(labels)] = read
 
     # -- scraping -----------------------------------------------------------------------
 
