@@ -1,5 +1,5 @@
 # How schema_v1.db was written: run at commit 029a23f (schema version 1) from the
-# worktree root. Kept for the record; the current store cannot write version 1.
+# repository root. Kept for the record; the current store cannot write version 1.
 import asyncio
 import sqlite3
 
