@@ -139,3 +139,19 @@ def request(method: str, url: str, body: Any = None, headers: dict[str, str] | N
     except ValueError:
         parsed = payload.decode(errors="replace")
     return status, rh, parsed
+
+
+def run_logs_cli(*argv: str) -> tuple[int, str, str]:
+    """``ballast logs ARGV`` in this process: (exit status, stdout, stderr)."""
+    import io
+
+    from ballast.logs.cli import main as logs_main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = logs_main(list(argv))
+    finally:
+        sys.stdout, sys.stderr = old
+    return code, out.getvalue(), err.getvalue()

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import run_logs_cli as run_cli
 
 import ballast.logs.parallel as parallel
 from ballast.logs import (
@@ -29,7 +30,6 @@ from ballast.logs import (
     trace_document,
     trace_file,
 )
-from ballast.logs.cli import main as logs_main
 from ballast.logs.timeline import INTERVALS, MAX_BUCKETS, SERIES, parse_interval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,15 +52,6 @@ def write(path: Path, lines: list[bytes]) -> Path:
     return path
 
 
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = logs_main(list(argv))
-    finally:
-        sys.stdout, sys.stderr = old
-    return code, out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------------------ module layout

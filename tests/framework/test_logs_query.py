@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 import pytest
+from support import run_logs_cli as run
 
 pytest.importorskip("duckdb", reason="ballast logs query needs DuckDB: pip install 'ballast[logs]'")
 
-from ballast.logs.cli import main as logs_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,15 +34,6 @@ def stamp(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = logs_main(list(argv))
-    finally:
-        sys.stdout, sys.stderr = old
-    return code, out.getvalue(), err.getvalue()
 
 
 def query_json(sql: str, path: Path) -> list[dict[str, Any]]:
