@@ -23,7 +23,8 @@ from types import TracebackType
 from aiohttp import web
 from pydantic import Field
 
-from ballast.budget import Deadline, deadline_scope
+from ballast import budget
+from ballast.budget import TIMER_SLACK_S, Deadline
 from ballast.config import Config, PluginSection
 from ballast.errors import BudgetExceeded, UpstreamError
 from ballast.hookspecs import hookimpl
@@ -97,18 +98,27 @@ class Watchdog:
     their task and deadline in a dict, and one timer sweeps it every ``interval_s`` while
     anything is in flight: a request is cancelled at most ``interval_s`` after its
     deadline, a negligible slack against budgets of seconds.
+
+    The same dict is where the request's deadline is found (:func:`ballast.budget.current`
+    consults it), so a request puts its deadline in force without a context variable.
     """
 
-    __slots__ = ("_expired", "_handle", "_inflight", "interval_s")
+    __slots__ = ("__weakref__", "_expired", "_handle", "_inflight", "budget_s", "interval_s")
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.05, budget_s: float = 0.0) -> None:
         self.interval_s = interval_s
+        self.budget_s = budget_s  # the budget a registered deadline was taken from
         self._inflight: dict[asyncio.Task[object], float] = {}
         self._expired: set[asyncio.Task[object]] = set()
         self._handle: asyncio.TimerHandle | None = None
+        budget.register_task_deadlines(self)
 
     def watch(self, task: asyncio.Task[object], deadline: Deadline) -> None:
-        self._inflight[task] = deadline.at
+        self.watch_until(task, deadline.at)
+
+    def watch_until(self, task: asyncio.Task[object], at: float) -> None:
+        """Cancel ``task`` once ``time.monotonic()`` passes ``at``, unless released first."""
+        self._inflight[task] = at
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
 
@@ -120,6 +130,10 @@ class Watchdog:
             task.uncancel()
             return True
         return False
+
+    def deadline_of(self, task: asyncio.Task[object]) -> Deadline | None:
+        at = self._inflight.get(task)
+        return None if at is None else Deadline(at, self.budget_s)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -136,7 +150,10 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
     if request_ms < 1:
         raise ValueError("request_ms must be >= 1")
     seconds = request_ms / 1000
-    dog = watchdog or Watchdog()
+    dog = watchdog or Watchdog(budget_s=seconds)
+    if not dog.budget_s:
+        dog.budget_s = seconds
+    clock = time.monotonic
 
     def exceeded(request: web.Request) -> BudgetExceeded:
         detail = None if request.method in _READ_METHODS else WRITE_TIMEOUT_DETAIL
@@ -146,23 +163,27 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None, "a request handler runs in a task"
-        with deadline_scope(Deadline.after(seconds)) as deadline:
-            dog.watch(task, deadline)
-            cancelled_by_us = False
-            try:
-                return await handler(request)
-            except asyncio.CancelledError:
-                cancelled_by_us = dog.release(task)
-                if cancelled_by_us:
-                    raise exceeded(request) from None
-                raise
-            except UpstreamError as exc:
-                if deadline.spent():
-                    raise exceeded(request) from exc
-                raise
-            finally:
-                if not cancelled_by_us:
-                    dog.release(task)
+        at = clock() + seconds
+        # An earlier deadline already in force (a scope around this request) still wins.
+        outer = budget.scoped()
+        if outer is not None and outer.at < at:
+            at = outer.at
+        dog.watch_until(task, at)  # also puts the deadline in force for this task
+        cancelled_by_us = False
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            cancelled_by_us = dog.release(task)
+            if cancelled_by_us:
+                raise exceeded(request) from None
+            raise
+        except UpstreamError as exc:
+            if at - clock() <= TIMER_SLACK_S:  # spent: the budget ran out, not the upstream
+                raise exceeded(request) from exc
+            raise
+        finally:
+            if not cancelled_by_us:
+                dog.release(task)
 
     return impl
 

@@ -363,3 +363,29 @@ async def test_watchdog_cancels_only_requests_past_their_deadline() -> None:
     assert results == ["cut", "done", "done"]
     await asyncio.sleep(0.05)
     assert dog._handle is None, "the sweep timer stops when nothing is in flight"
+
+
+async def test_the_request_deadline_is_in_force_without_a_scope_and_only_for_its_request() -> None:
+    # The middleware registers the request's task with its watchdog rather than entering a
+    # context-variable scope; budget.remaining() finds it there, and only there.
+    mw = request_budget(request_ms=2_000)
+    seen: dict[str, float | None] = {}
+
+    async def handler(request: Any) -> Any:
+        seen["inside"] = budget.remaining()
+        with budget.unbounded():
+            seen["lifted"] = budget.remaining()
+        with deadline_scope(Deadline.after(0.25)):
+            seen["earlier scope"] = budget.remaining()
+        with deadline_scope(Deadline.after(60)):
+            seen["later scope"] = budget.remaining()
+        return None
+
+    assert budget.remaining() is None
+    await mw(SimpleNamespace(method="GET", path="/"), handler)  # type: ignore[arg-type]
+    inside, earlier, later = seen["inside"], seen["earlier scope"], seen["later scope"]
+    assert inside is not None and 1.5 < inside <= 2.0
+    assert seen["lifted"] is None
+    assert earlier is not None and earlier <= 0.25
+    assert later is not None and 1.5 < later <= 2.0, "the request's earlier deadline still wins"
+    assert budget.remaining() is None, "released with the request"
