@@ -11,7 +11,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -67,18 +67,43 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class _RequestMetrics:
-    """The request counter and latency histogram, taken once per app at build."""
+    """The request counter and latency histogram, taken once per app at build.
 
-    __slots__ = ("duration", "requests", "telemetry")
+    Recorders bound to each (method, route, status) are kept, for the exporter attached
+    when they were made: one dict lookup and two calls per request instead of resolving
+    the labels on every call.
+    """
+
+    __slots__ = ("_bound", "_exporter", "duration", "requests", "telemetry")
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
         self.requests: Counter = telemetry.counter("ballast_http_requests_total")
         self.duration: Histogram = telemetry.histogram("ballast_http_request_duration_seconds")
+        self._exporter: object = None
+        self._bound: dict[tuple[str, str, int], tuple[Callable[[float], None], Callable[[float], None]]] = {}
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.inc(method if method in _METHODS else "OTHER", route, str(status))
-        self.duration.observe(seconds, route)
+        exporter = self.telemetry.exporter
+        if exporter is None:
+            return
+        if exporter is not self._exporter:
+            self._exporter, self._bound = exporter, {}
+        key = (method, route, status)
+        pair = self._bound.get(key)
+        if pair is None:
+            if len(self._bound) >= _MAX_BOUND:  # unmatched paths share "(unmatched)"; still, bounded
+                self._bound.clear()
+            inc = self.requests.bound(method if method in _METHODS else "OTHER", route, str(status))
+            observe = self.duration.bound(route)
+            assert inc is not None and observe is not None, "an exporter is attached"
+            pair = self._bound[key] = (inc, observe)
+        pair[0](1.0)
+        pair[1](seconds)
+
+
+#: Bound recorders kept per app, at most (methods x routes x statuses seen).
+_MAX_BOUND = 4096
 
 
 _REQUEST_METRICS = web.AppKey("ballast_request_metrics", _RequestMetrics)
@@ -122,9 +147,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.reset_contextvars(**tokens)
         seconds = time.perf_counter() - start
         route = _route_of(request)
-        metrics = request.app[_REQUEST_METRICS]
-        if metrics.telemetry.exporter is not None:
-            metrics.record(request.method, route, status, seconds)
+        request.app[_REQUEST_METRICS].record(request.method, route, status, seconds)
         extra = request.get(LOG_FIELDS)  # e.g. the trace id, from the tracing plugin
         blog.request_line(request.method, route, request.path, status, round(seconds * 1000, 3), rid,
                           **({} if sid is None else {"session_id": sid}), **(extra or {}))

@@ -125,6 +125,15 @@ class Exporter(Protocol):
         ...
 
 
+class BindingExporter(Exporter, Protocol):
+    """An exporter that can also hand out a recorder bound to one label set: the fast
+    path for a hot recording point that keeps the recorder (the request counter)."""
+
+    def bind(self, spec: MetricSpec, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """``inc(amount)`` for a counter, ``observe(value)`` for a histogram."""
+        ...
+
+
 class Tracer(Protocol):
     """What a tracer (the ``tracing`` plugin) implements: a span around a block of work.
 
@@ -146,7 +155,28 @@ class _Instrument:
         self.spec = spec
 
 
-class Counter(_Instrument):
+class _Bindable(_Instrument):
+    __slots__ = ()
+
+    def bound(self, *labels: str) -> Callable[[float], None] | None:
+        """A recorder for these labels on the exporter attached now, or None without one.
+
+        Cheaper per call than the instrument with its labels; a caller that keeps it
+        must drop it when :attr:`Telemetry.exporter` changes.
+        """
+        exporter = self._hub.exporter
+        if exporter is None:
+            return None
+        bind = getattr(exporter, "bind", None)
+        if bind is not None:
+            recorder: Callable[[float], None] = bind(self.spec, labels)
+            return recorder
+        spec = self.spec
+        record = exporter.inc if spec.type == "counter" else exporter.observe
+        return lambda value: record(spec, labels, value)
+
+
+class Counter(_Bindable):
     __slots__ = ()
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
@@ -171,7 +201,7 @@ class Gauge(_Instrument):
             exporter.sample(self.spec, labels, read)
 
 
-class Histogram(_Instrument):
+class Histogram(_Bindable):
     __slots__ = ()
 
     def observe(self, value: float, *labels: str) -> None:
@@ -223,5 +253,5 @@ class Telemetry:
             exporter.sample(spec, labels, read)
 
 
-__all__ = ["METRICS", "Counter", "Exporter", "Gauge", "Histogram", "MetricSpec", "Reason", "Telemetry",
-           "Tracer"]
+__all__ = ["METRICS", "BindingExporter", "Counter", "Exporter", "Gauge", "Histogram", "MetricSpec", "Reason",
+           "Telemetry", "Tracer"]

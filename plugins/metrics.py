@@ -243,6 +243,37 @@ class PrometheusExporter:
 
     # -- the Exporter protocol: the per-call path --------------------------------------
 
+    def bind(self, spec: MetricSpec, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """A recorder for one label set: ``inc`` of a counter, ``observe`` of a histogram."""
+        if spec.type not in ("counter", "histogram"):
+            raise TypeError(f"{spec.name} is a {spec.type}: only counters and histograms bind")
+        families = self._families
+        if families is None:
+            child = self._child(spec, labels)
+            recorder: Callable[[float], None] = child.inc if spec.type == "counter" else child.observe
+            return recorder
+        family = families[spec.name]
+        with self._lock:
+            cell = family.cell(labels)
+        lock = self._lock
+        if spec.type == "counter":
+            def inc(amount: float) -> None:
+                if amount < 0:
+                    raise ValueError("Counters can only be incremented by non-negative amounts.")
+                with lock:
+                    cell[0] += amount
+
+            return inc
+        bounds = family.bounds
+
+        def observe(value: float) -> None:
+            with lock:
+                if value == value:  # NaN falls in no bucket (but spoils the sum)
+                    cell[bisect_left(bounds, value)] += 1
+                cell[-1] += value
+
+        return observe
+
     def inc(self, spec: MetricSpec, labels: tuple[str, ...], amount: float) -> None:
         families = self._families
         if families is None:

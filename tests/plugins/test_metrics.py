@@ -204,6 +204,32 @@ def test_exporter_records_every_instrument_kind_in_catalogue_label_order() -> No
     assert got.total("ballast_concurrency_limit") == 5  # read at scrape time
 
 
+def test_bound_recorders_add_to_the_same_series_as_the_instruments() -> None:
+    telemetry = Telemetry()
+    requests = telemetry.counter("ballast_http_requests_total")
+    duration = telemetry.histogram("ballast_http_request_duration_seconds")
+    assert requests.bound("GET", "/x", "200") is None, "nothing to bind to without an exporter"
+    exporter = PrometheusExporter()
+    telemetry.attach(exporter)
+    inc = requests.bound("GET", "/x", "200")
+    observe = duration.bound("/x")
+    assert inc is not None and observe is not None
+    inc(1.0)
+    inc(2.0)
+    requests.inc("GET", "/x", "200")
+    observe(0.003)
+    observe(float("nan"))  # in no bucket, as the unbound path
+    duration.observe(0.2, "/x")
+    with pytest.raises(ValueError):
+        inc(-1.0)
+    got = Scrape(exporter.scrape().decode())
+    assert got.total("ballast_http_requests_total", method="GET", route="/x", status="200") == 4
+    assert got.total("ballast_http_request_duration_seconds_count", route="/x") == 2
+    assert got.total("ballast_http_request_duration_seconds_bucket", route="/x", le="0.005") == 1
+    with pytest.raises(TypeError):
+        exporter.bind(METRICS["ballast_concurrency_limit"], ())
+
+
 def test_without_an_exporter_recording_is_a_no_op() -> None:
     telemetry = Telemetry()
     telemetry.counter("ballast_http_requests_total").inc("GET", "/x", "200")
@@ -233,6 +259,8 @@ exporter = PrometheusExporter(multiproc_dir=directory)
 telemetry.attach(exporter)
 telemetry.gauge("ballast_circuit_state").set(state, "openai")
 telemetry.counter("ballast_executor_rejected_total").inc()
+bound = telemetry.counter("ballast_upstream_retries_total").bound("openai", "status")
+bound(2.0)  # a bound recorder writes the same shared files
 if len(sys.argv) > 4:
     sys.stdout.write(exporter.scrape().decode())
 """
@@ -254,3 +282,4 @@ def test_multiprocess_gauges_sum_quantities_and_keep_the_worst_state(tmp_path: P
     assert got.total("ballast_executor_in_use") == 7  # summed
     assert got.total("ballast_circuit_state", upstream="openai") == 2  # the worst
     assert got.total("ballast_executor_rejected_total") == 3
+    assert got.total("ballast_upstream_retries_total", upstream="openai", reason="status") == 6
