@@ -1,20 +1,30 @@
-"""What each stack costs on the request path itself, in CPU microseconds per request.
+"""What each stack costs on the request path itself, per request.
 
 The wrk benchmarks (``bench_overhead.py``) measure whole servers, sockets and HTTP
 parsing included, and on a shared 2-core machine their ratios move by several percent
 between runs. This one isolates the part the plugins change: one process builds the
-application for each stack (the default config, every builtin plugin off, and the
-default with each default-on plugin off alone), starts it, and feeds it the same point
-read, ``GET /v1/sessions/{id}``, through ``Application._handle`` with a mocked
-transport: routing, every middleware, the handler, the store read on its reader
-thread and the canonical log line (to a file), but no socket and no HTTP parsing.
+application for each stack (the default config, every builtin plugin off, and with
+``--each-off`` the default with each default-on plugin off alone), starts it, and feeds
+each the same point read, ``GET /v1/sessions/{id}``, as raw HTTP/1.1 over in-memory
+keep-alive connections (``--connections`` requests in flight at once): parsing,
+routing, every middleware, the handler, the store read on its reader thread, the
+response and the canonical log line (to a file); no socket.
 
-The figure is CPU time of the whole process (reader thread included) per request,
-the minimum over many short batches, the stacks interleaved batch by batch: a
-neighbour's load makes a batch slower, never faster, so the minimum is the stable
-estimate of what the code costs.
+Two measures:
 
-    python bench/bench_request_path.py [--batches 30] [--requests 500] [--each-off]
+* CPU time of the whole process (reader thread included) per request, the minimum over
+  many short batches, the stacks interleaved batch by batch: a neighbour's load makes a
+  batch slower, never faster, so the minimum is the steadier estimate;
+* with ``--instructions``, machine instructions per request under
+  ``valgrind --tool=callgrind``, which counts the same on a busy machine as on an idle
+  one: each stack runs alone in a child under valgrind, once with one batch and once
+  with five, and the difference is divided by the requests of the four extra batches
+  (start-up cancels out). Slow (about three minutes for two stacks, run two at a time)
+  and blind to system calls; under valgrind's slowdown the admission limit is pinned
+  and the request budget raised so that nothing is refused.
+
+    python bench/bench_request_path.py [--batches 30] [--requests 1280] [--each-off]
+    python bench/bench_request_path.py --instructions [--only all_on,all_off]
 """
 
 from __future__ import annotations
@@ -152,7 +162,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         stacks = {name: stacks[name] for name in args.only.split(",")}
     work = Path(tempfile.mkdtemp(prefix="ballast-path-"))
     runners: dict[str, web.AppRunner] = {}
-    apps: dict[str, web.Application] = {}
     db = work / "bench.db"
     path = f"/v1/sessions/{SESSION}"
     per: dict[str, list[float]] = {name: [] for name in stacks}
@@ -166,7 +175,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             app = build_app(config)
             runner = web.AppRunner(app)
             await runner.setup()
-            runners[name], apps[name] = runner, app
+            runners[name] = runner
         await _create(next(iter(runners.values())))
         conns = {name: [_Connection(runner) for _ in range(args.connections)]
                  for name, runner in runners.items()}
@@ -204,15 +213,61 @@ async def _create(runner: web.AppRunner) -> None:
         raise RuntimeError(f"create answered {out[:40]!r}")
 
 
+#: Under valgrind a request takes ~50x longer: keep the admission limit above the
+#: connections and the budget far away, so the instructions counted are a served read's.
+VALGRIND_ENV = {
+    "BALLAST__PLUGINS__ADAPTIVE_CONCURRENCY__MIN_LIMIT": "64",
+    "BALLAST__PLUGINS__ADAPTIVE_CONCURRENCY__INITIAL_LIMIT": "64",
+    "BALLAST__PLUGINS__TIMEOUT_BUDGET__REQUEST_MS": "3600000",
+}
+
+
+def _callgrind(stack: str, batches: int, requests: int, work: Path) -> int:
+    import re
+    import subprocess
+
+    out = work / f"{stack}.{batches}.callgrind"
+    result = subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+         "--only", stack, "--batches", str(batches), "--requests", str(requests)],
+        env={**os.environ, **VALGRIND_ENV}, capture_output=True, text=True, timeout=3600)
+    found = re.search(r"Collected : (\d+)", result.stderr)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"{stack} under valgrind failed: {result.stderr[-500:]}")
+    return int(found.group(1))
+
+
+def instructions(stacks: list[str], requests: int) -> dict[str, Any]:
+    """Instructions per request of each stack (see the module's docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = Path(tempfile.mkdtemp(prefix="ballast-callgrind-"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = {(s, b): pool.submit(_callgrind, s, b, requests, work) for s in stacks for b in (1, 5)}
+        per = {s: (counts[(s, 5)].result() - counts[(s, 1)].result()) / (4 * requests) for s in stacks}
+    out: dict[str, Any] = {"machine": common.machine(), "requests_per_batch": requests,
+                           "instructions_per_request": {s: round(v) for s, v in per.items()}}
+    if "all_on" in per and "all_off" in per:
+        out["all_off_over_all_on"] = round(per["all_off"] / per["all_on"], 3)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--batches", type=int, default=30)
-    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--requests", type=int, default=1280)
     p.add_argument("--connections", type=int, default=32, help="requests in flight at once")
     p.add_argument("--each-off", action="store_true")
-    p.add_argument("--only", help="only these stacks, comma-separated (all_on, all_off, without_<plugin>); one alone for a profiler")
+    p.add_argument("--only", help="only these stacks, comma-separated (all_on, all_off, "
+                                  "without_<plugin>); one alone for a profiler")
     p.add_argument("--stdlib-loop", action="store_true", help="asyncio's own loop, not uvloop")
+    p.add_argument("--instructions", action="store_true",
+                   help="instructions per request under valgrind (default stacks: all_on,all_off)")
     args = p.parse_args()
+    if args.instructions:
+        stacks = (args.only or "all_on,all_off").split(",")
+        print(json.dumps(instructions(stacks, min(args.requests, 640)), indent=2))
+        return 0
     from ballast.cli import _loop_factory
 
     with asyncio.Runner(loop_factory=_loop_factory(not args.stdlib_loop)) as runner:
