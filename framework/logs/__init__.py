@@ -74,7 +74,7 @@ are ordered by count, descending, then key::
         "total": int,          # non-blank lines read
         "counted": int,        # lines that feed every table below
         "filtered_out": int,   # valid lines outside the --since/--until window
-        "skipped": {"not_json": int, "not_object": int, "no_event": int, "too_long": int},
+        "skipped": {"not_json": int, "no_event": int, "too_long": int},
         "by_event": {event: int},
         "by_level": {level: int}
       },                       # total == counted + filtered_out + sum(skipped)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from ballast.logs.assemble import assemble_report
+from ballast.logs.jsonline import INVALID, first_wins, read_lenient
 from ballast.logs.protections import Handler, Protections
 from ballast.logs.reading import LineCounter, Readable, read_batches
 from ballast.logs.report import (
@@ -33,7 +34,7 @@ from ballast.logs.report import (
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS, LatencySketch
 from ballast.logs.slots import _HANDLED, _PLAIN, _REQUEST, _EventSlot, _RequestSlot, _Timed
 from ballast.logs.timeline import ERRORS_5XX, INDEX, REQUESTS, Timeline
-from ballast.logs.times import FAR_FUTURE, FAR_PAST
+from ballast.logs.times import FAR_FUTURE, FAR_PAST, epoch_second
 
 _MAX_EVENTS = 1000
 _MAX_LEVELS = 100
@@ -67,7 +68,6 @@ class LogSummary:
         self.read = 0
         self.filtered_out = 0
         self.not_json = 0
-        self.not_object = 0
         self.no_event = 0
         self.lines = LineCounter()
         self.first = FAR_FUTURE
@@ -179,7 +179,6 @@ class LogSummary:
         ceil = math.ceil
         inv_log_gamma = _INV_LOG_GAMMA
         min_ms = _MIN_MS
-        floor = math.floor
         # Requests per second in this batch, added to the timeline once per second seen.
         per_second: dict[int, int] = {}
         errors_per_second: dict[int, int] = {}
@@ -189,18 +188,23 @@ class LogSummary:
         filtering = self.since is not None or self.until is not None
         first = self.first
         last = self.last
-        blank = filtered_out = not_json = not_object = no_event = 0
+        blank = filtered_out = not_json = no_event = 0
         for line in batch:
             try:
                 obj = loads(line)
             except decode_error:
-                if line.strip():
+                if not line.strip():
+                    blank += 1
+                    continue
+                obj = read_lenient(line)
+            else:
+                if type(obj) is dict and line.count(b'":') != len(obj):
+                    obj = first_wins(line, obj)  # maybe a repeated key: the first counts
+            if type(obj) is not dict:
+                if obj is None or obj is INVALID:
                     not_json += 1
                 else:
-                    blank += 1
-                continue
-            if type(obj) is not dict:
-                not_object += 1
+                    no_event += 1  # an array, a string, a number: JSON, but no event
                 continue
             key = (obj.get("event"), obj.get("level"))
             try:
@@ -237,9 +241,9 @@ class LogSummary:
                         if second is None:
                             if len(seconds) >= 4096:
                                 seconds.clear()
-                            second = seconds[ts[:19]] = floor(when.timestamp())
+                            second = seconds[ts[:19]] = epoch_second(when)
                     else:
-                        second = floor(when.timestamp())
+                        second = epoch_second(when)
             elif filtering:
                 filtered_out += 1
                 continue
@@ -266,7 +270,7 @@ class LogSummary:
                     else:
                         sketch.zeros += 1
                     if duration > sketch.max:
-                        sketch.max = duration
+                        sketch.max = float(duration)
             elif kind == _HANDLED:
                 handler = slot.handler
                 if handler is not None:
@@ -282,7 +286,6 @@ class LogSummary:
         self.blank += blank
         self.filtered_out += filtered_out
         self.not_json += not_json
-        self.not_object += not_object
         self.no_event += no_event
 
     def feed_stream(self, stream: Readable) -> None:

@@ -26,7 +26,6 @@ _STATUS_CLASS = {code: f"{code // 100}xx" for code in range(100, 600)}
 
 class SkippedReport(TypedDict):
     not_json: int
-    not_object: int
     no_event: int
     too_long: int
 
