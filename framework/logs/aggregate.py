@@ -40,6 +40,7 @@ _MAX_EVENTS = 1000
 _MAX_LEVELS = 100
 _MAX_METHODS = 32
 _MAX_RAW_KEYS = 10_000
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class LogSummary:
@@ -288,10 +289,18 @@ class LogSummary:
         self.not_json += not_json
         self.no_event += no_event
 
-    def feed_stream(self, stream: Readable) -> None:
-        """Read ``stream`` to the end; a read error ends the input and is reported."""
+    def feed_stream(self, stream: Readable, *, at_start: bool = True) -> None:
+        """Read ``stream`` to the end; a read error ends the input and is reported.
+
+        ``at_start``: the stream starts the input, so a UTF-8 byte-order mark there is
+        not part of the first line (as DuckDB reads a file).
+        """
         try:
             for batch in read_batches(stream, counter=self.lines):
+                if at_start:
+                    at_start = False
+                    if batch[0].startswith(UTF8_BOM):
+                        batch[0] = batch[0][len(UTF8_BOM):]
                 self.feed(batch)
         except (OSError, EOFError, zlib.error) as exc:
             self.input_error = f"input ended early: {exc}"

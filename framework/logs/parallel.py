@@ -76,7 +76,7 @@ def _summarise_range(job: tuple[str, int, int, dict[str, Any]]) -> LogSummary:
     summary = LogSummary(**options)
     stream = _Range(path, start, end)
     try:
-        summary.feed_stream(stream)
+        summary.feed_stream(stream, at_start=start == 0)
     finally:
         stream.close()
     # The raw-key caches are rebuilt on demand; no need to send them back.
@@ -197,6 +197,8 @@ def summarize_parallel(
         return None  # the one-pass reader reports the error in its own words
     options = {"since": since, "until": until, "interval_s": interval_s}
     jobs = [(path, a, b, options) for a, b in itertools.pairwise(points)]
+    if len(jobs) < 2:
+        return None  # nothing to split (an empty file, or one line)
     total = LogSummary(since=since, until=until, interval_s=interval_s)
     with open_log(path) as source:
         total.source, total.gzip = source.name, source.gzip
