@@ -1,0 +1,348 @@
+"""The DuckDB engine of the summary: one scan in DuckDB, the same counters, the same document.
+
+DuckDB parses the log (``read_json``, newline-delimited, on every core) and returns
+only grouped counts, in one query whose ``GROUPING SETS`` each fill one part of the
+summary: lines by (event, level) with the window, requests by (route, method, status),
+latency-sketch buckets (the bucket index of :mod:`ballast.logs.sketch`, computed in
+SQL), per-second counts for the timeline, and the rare events by the fields their
+handlers read. Fields come over as their JSON text and are turned into Python values by
+``orjson`` (:func:`ballast.logs.jsonline.read_field`), and the counts are fed to the
+streaming engine's own counters, handlers and timeline (a :class:`LogSummary`), so the
+tables, caps, percentiles and rendering are the same code whichever engine ran.
+
+It declines (returns ``None``; the caller then uses the streaming engine) when it
+cannot promise the streaming engine's answer: a line longer than ``MAX_LINE_BYTES``; a
+string ``timestamp`` not in the form Ballast writes (UTC, ``Z``, no fraction or six
+digits), which only Python's parser reads exactly; a capped table reaching its cap (as
+the parallel engine does); a DuckDB error. Memory: DuckDB runs with ``MEMORY_LIMIT``
+and spills grouped state to a temporary directory beyond it; the grouped rows are read
+in chunks into the bounded counters.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from ballast.logs.aggregate import LogSummary
+from ballast.logs.jsonline import read_field as read_value
+from ballast.logs.parallel import within_caps
+from ballast.logs.reading import MAX_LINE_BYTES
+from ballast.logs.report import SummaryReport, _key, _status_class
+from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS, LatencySketch
+from ballast.logs.timeline import ERRORS_5XX, REQUESTS
+from ballast.logs.times import epoch_second
+
+MEMORY_LIMIT = "256MB"
+THREADS = 4
+FETCH_ROWS = 10_000
+_ZERO = -(1 << 31)  # the bucket index standing for "below 0.001 ms"
+
+#: Rare events and the fields their handlers read (the keys of the group).
+RARE: dict[str, tuple[str, ...]] = {
+    "upstream.retry": ("status", "error_type", "name"),
+    "upstream.failed": ("kind", "name", "error_type"),
+    "error.unhandled": ("error_type",),
+    "session.mutation_failed": ("session_id", "error_type"),
+    "finalize.stage": ("stage",),
+    "finalize.timed_out": ("stage",),
+    "finalize.completed": ("state",),
+    "finalize.failed": ("stage",),
+    "bulkhead.rejected": (),
+    "circuit.opened": ("upstream",),
+    "circuit.half_open": (),
+    "circuit.closed": (),
+    "upstream.retry_denied": ("kind",),
+    "fallback.used": ("operation",),
+    "load.shed": ("count", "route"),
+    "auth.denied": ("reason",),
+}
+#: Rare events whose handlers put a mark on the timeline (they need the second).
+TIMED = frozenset({
+    "upstream.retry", "upstream.failed", "finalize.completed", "circuit.opened", "circuit.half_open",
+    "circuit.closed", "upstream.retry_denied", "fallback.used", "load.shed", "auth.denied",
+})
+FIELDS = ("timestamp", "level", "event", "route", "method", "status", "duration_ms", "name", "kind",
+          "error_type", "session_id", "stage", "state", "upstream", "operation", "count", "reason")
+_DIGIT = "[0-9]"
+_STAMP = f'"{_DIGIT * 4}-{_DIGIT * 2}-{_DIGIT * 2}T{_DIGIT * 2}:{_DIGIT * 2}:{_DIGIT * 2}'
+_GLOB_US = _STAMP + "." + _DIGIT * 6 + 'Z"'
+_GLOB_S = _STAMP + 'Z"'
+
+
+def available() -> bool:
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(THREADS, cores))
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def longest_line_fits(path: str, limit: int = MAX_LINE_BYTES) -> bool:
+    """Whether no line of the file is longer than ``limit`` bytes (a few reads, not a scan)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos = 0
+        while size - pos > limit:
+            fh.seek(pos)
+            window = fh.read(limit + 1)
+            newline = window.rfind(b"\n")
+            if newline < 0:
+                return False
+            pos += newline + 1
+    return True
+
+
+def _stamp_key(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def build_sql(path: str, since: datetime | None, until: datetime | None) -> str:
+    struct = ", ".join(f'"{name}" JSON' for name in FIELDS)
+    source = (f"read_json({_lit(path)}, format = 'newline_delimited', records = false, "
+              f"ignore_errors = true, columns = {{j: 'STRUCT({struct})'}})")
+    rare = ", ".join(_lit(_json_text(e)) for e in RARE)
+    timed = ", ".join(_lit(_json_text(e)) for e in TIMED)
+
+    def rare_key(i: int) -> str:
+        arms = " ".join(f"WHEN {_lit(_json_text(e))} THEN j.{fields[i]}::VARCHAR"
+                        for e, fields in RARE.items() if len(fields) > i)
+        return f"CASE WHEN rare THEN CASE ej {arms} END END AS k{i}"
+
+    window = "true"
+    if since is not None or until is not None:
+        tk = "CASE tshape WHEN 1 THEN substr(tsj, 2, 26) WHEN 2 THEN substr(tsj, 2, 19) || '.000000' END"
+        low = _lit(_stamp_key(since)) if since is not None else None
+        high = _lit(_stamp_key(until)) if until is not None else None
+        parts = [f"({tk}) >= {low}" if low else "", f"({tk}) < {high}" if high else ""]
+        window = "coalesce(" + " AND ".join(p for p in parts if p) + ", false)"
+    return f"""
+WITH raw AS (
+  SELECT j IS NULL AS bad, j.event::VARCHAR AS ej, j.level::VARCHAR AS lj, j.timestamp::VARCHAR AS tsj, j
+  FROM {source}
+), shaped AS (
+  SELECT *, left(ej, 1) = '"' AS hasev, ej = '"http.request"' AS isreq, ej IN ({rare}) AS rare,
+    CASE WHEN tsj IS NULL OR left(tsj, 1) <> '"' THEN 0
+         WHEN length(tsj) = 29 AND tsj GLOB {_lit(_GLOB_US)} THEN 1
+         WHEN length(tsj) = 22 AND tsj GLOB {_lit(_GLOB_S)} THEN 2 ELSE 3 END AS tshape
+  FROM raw
+), kinds AS (
+  SELECT *, CASE WHEN bad THEN 0 WHEN NOT coalesce(hasev, false) THEN 1
+                 WHEN NOT ({window}) THEN 2 ELSE 3 END AS kind,
+    CASE WHEN tshape IN (1, 2) THEN substr(tsj, 2, 19) END AS tp0
+  FROM shaped
+), lines AS (
+  SELECT kind, ej, lj, tshape, tsj, CASE WHEN kind >= 2 THEN tp0 END AS tp,
+    CASE WHEN kind = 3 AND isreq THEN true END AS rq,
+    CASE WHEN kind = 3 AND isreq THEN j.route::VARCHAR END AS rj,
+    CASE WHEN kind = 3 AND isreq THEN j.method::VARCHAR END AS mj,
+    CASE WHEN kind = 3 AND isreq THEN j.status::VARCHAR END AS stj,
+    CASE WHEN kind = 3 AND isreq THEN 1 WHEN kind = 3 AND ej = '"finalize.stage"' THEN 2 END AS sk,
+    CASE WHEN kind = 3 AND isreq THEN j.route::VARCHAR
+         WHEN kind = 3 AND ej = '"finalize.stage"' THEN j.stage::VARCHAR END AS kj,
+    CASE WHEN kind = 3 AND (isreq OR ej = '"finalize.stage"') THEN j.duration_ms::VARCHAR END AS dj,
+    kind = 3 AND rare AS rare,
+    CASE WHEN kind = 3 AND ej IN ({timed}) THEN tp0 END AS rp,
+    j
+  FROM kinds
+), rare_lines AS (
+  SELECT * EXCLUDE (j), {rare_key(0)}, {rare_key(1)}, {rare_key(2)},
+    TRY_CAST(dj AS DOUBLE) AS d0
+  FROM lines
+), timed AS (
+  SELECT *, CASE WHEN d0 >= 0 AND d0 < 1e15 THEN d0 END AS d FROM rare_lines
+), bucketed AS (
+  SELECT *, CASE WHEN d >= {_MIN_MS!r} THEN CAST(ceil(ln(d) * {_INV_LOG_GAMMA!r}) AS BIGINT)
+                 WHEN d IS NOT NULL THEN {_ZERO} END AS b
+  FROM timed
+)
+SELECT GROUPING(kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp) AS g,
+  kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp,
+  count(*) AS n, min(tsj) AS lo, max(tsj) AS hi, max(d) AS dmax
+FROM bucketed
+GROUP BY GROUPING SETS ((kind, ej, lj, tshape), (rq, rj, mj, stj), (sk, kj, b), (tp, rq, stj),
+                        (rare, ej, k0, k1, k2, rp))
+"""
+
+
+def _json_text(value: str) -> str:
+    """The JSON text DuckDB hands over for a plain string (the event names compared here)."""
+    return '"' + value + '"'
+
+
+# Which grouping set a row belongs to: GROUPING() sets a bit per column *not* grouped,
+# the first column the highest bit.
+_COLUMNS = ("kind", "ej", "lj", "tshape", "rq", "rj", "mj", "stj", "sk", "kj", "b", "tp", "rare",
+            "k0", "k1", "k2", "rp")
+
+
+def _mask(*grouped: str) -> int:
+    width = len(_COLUMNS)
+    return sum(1 << (width - 1 - i) for i, name in enumerate(_COLUMNS) if name not in grouped)
+
+
+_LINES = _mask("kind", "ej", "lj", "tshape")
+_REQUESTS = _mask("rq", "rj", "mj", "stj")
+_SKETCHES = _mask("sk", "kj", "b")
+_SECONDS = _mask("tp", "rq", "stj")
+_RARE = _mask("rare", "ej", "k0", "k1", "k2", "rp")
+
+
+class _Declined(Exception):
+    """The DuckDB engine cannot promise the streaming engine's answer for this input."""
+
+
+def _rows(cursor: Any) -> Iterator[tuple[Any, ...]]:
+    while True:
+        chunk = cursor.fetchmany(FETCH_ROWS)
+        if not chunk:
+            return
+        yield from chunk
+
+
+class _Seconds:
+    """Second prefixes (``2026-11-28T14:03:58``) to epoch seconds, as Python reads them."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, prefix: str) -> int:
+        second = self._cache.get(prefix)
+        if second is None:
+            try:
+                when = datetime.fromisoformat(prefix + "Z")
+            except ValueError:
+                raise _Declined from None  # Python reads this line as having no time
+            if when.strftime("%Y-%m-%dT%H:%M:%S") != prefix:
+                raise _Declined  # read, but as another time (24:00:00)
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            second = self._cache[prefix] = epoch_second(when)
+        return second
+
+
+def _fill(summary: LogSummary, cursor: Any) -> None:
+    seconds = _Seconds()
+    values: dict[str | None, object] = {}
+
+    def read_field(raw: str | None) -> object:
+        try:
+            return values[raw]
+        except KeyError:
+            if len(values) >= 4096:
+                values.clear()
+            value = values[raw] = read_value(raw)
+            return value
+
+    stage_rows: list[tuple[Any, ...]] = []
+    request_rows: list[tuple[Any, ...]] = []
+    for row in _rows(cursor):
+        (g, kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp,
+         n, lo, hi, dmax) = row
+        if g == _LINES:
+            summary.read += n
+            if kind == 0:
+                summary.not_json += n
+                continue
+            if kind == 1:
+                summary.no_event += n
+                continue
+            if tshape == 3:
+                raise _Declined  # a timestamp only Python's parser reads exactly
+            slot = summary._slot_for((read_field(ej), read_field(lj)))
+            if slot is None:  # not reached: kind 2 and 3 have a string event
+                raise _Declined
+            if kind == 2:
+                summary.filtered_out += n
+                continue
+            slot.count += n
+            if tshape in (1, 2):
+                for text in (lo, hi):
+                    try:
+                        when = datetime.fromisoformat(text[1:-1])
+                    except ValueError:
+                        raise _Declined from None
+                    summary.first = min(summary.first, when)
+                    summary.last = max(summary.last, when)
+        elif g == _REQUESTS and rq:
+            request = summary._request_slot_for((read_field(rj), read_field(mj), read_field(stj)))
+            request.count += n
+        elif g == _SKETCHES and sk is not None and b is not None:
+            (request_rows if sk == 1 else stage_rows).append((kj, b, n, dmax))
+        elif g == _SECONDS and tp is not None:
+            second = seconds(tp)
+            if rq:
+                summary.timeline.add(second, REQUESTS, n)
+                if _status_class(read_field(stj)) == "5xx":
+                    summary.timeline.add(second, ERRORS_5XX, n)
+        elif g == _RARE and rare:
+            event = read_field(ej)
+            assert isinstance(event, str)
+            handler = summary._handlers[event]
+            obj = {name: read_field(raw) for name, raw in zip(RARE[event], (k0, k1, k2), strict=False)}
+            mark = seconds(rp) if rp is not None else None
+            for _ in range(n):
+                handler(obj, mark)
+    for kj, b, n, dmax in request_rows:
+        _bucket(summary.routes.get(_key(read_field(kj))), b, n, dmax)
+    for kj, b, n, dmax in stage_rows:
+        timed = summary.stages.get(_key(read_field(kj)))
+        _bucket(None if timed is None else timed.sketch, b, n, dmax)
+
+
+def _bucket(sketch: LatencySketch | None, b: int, n: int, dmax: float) -> None:
+    if sketch is None:
+        raise _Declined  # a key folded into "(other)": over a cap, declined below anyway
+    if b == _ZERO:
+        sketch.zeros += n
+    else:
+        sketch.buckets[b] = sketch.buckets.get(b, 0) + n
+    if dmax > sketch.max:
+        sketch.max = float(dmax)
+
+
+def summarize_duckdb(
+    path: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    interval_s: int | None = None,
+) -> SummaryReport | None:
+    """The summary of the plain file ``path`` computed by DuckDB; ``None`` if declined."""
+    import duckdb
+
+    try:
+        if not longest_line_fits(path):
+            return None
+    except OSError:
+        return None  # the streaming engine reports the error in its own words
+    summary = LogSummary(since=since, until=until, interval_s=interval_s)
+    summary.source = path
+    with tempfile.TemporaryDirectory(prefix="ballast-summary-") as spill:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"SET memory_limit = {_lit(MEMORY_LIMIT)}")
+            con.execute(f"SET temp_directory = {_lit(spill)}")
+            con.execute(f"SET threads = {_threads()}")
+            con.execute("SET enable_progress_bar = false")
+            con.execute("SET preserve_insertion_order = false")
+            _fill(summary, con.execute(build_sql(path, since, until)))
+        except (_Declined, duckdb.Error):
+            return None
+        finally:
+            con.close()
+    if not within_caps(summary):
+        return None
+    return summary.report()
