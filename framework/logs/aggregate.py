@@ -305,66 +305,68 @@ class LogSummary:
         except (OSError, EOFError, zlib.error) as exc:
             self.input_error = f"input ended early: {exc}"
 
-    # -- handlers of the rarer events: each gets a dict whose fields may have any type.
+    # -- handlers of the rarer events: each gets a dict whose fields may have any type, the
+    # line's second (None: no time) and how many such lines (the DuckDB engine groups them).
 
-    def _on_retry(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_retry(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         if second is not None:
-            self.timeline.add(second, INDEX["upstream.retry"])
+            self.timeline.add(second, INDEX["upstream.retry"], n)
         status = obj.get("status")
         if type(status) is int:
             key = str(status)
         else:
             error_type = obj.get("error_type")
             key = error_type if type(error_type) is str and error_type else "(unknown)"
-        _bump(self.retries, key)
-        _bump(self.upstream_retries, _key(obj.get("name")))
+        _bump(self.retries, key, n)
+        _bump(self.upstream_retries, _key(obj.get("name")), n)
 
-    def _on_upstream_failed(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_upstream_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         if second is not None:
-            self.timeline.add(second, INDEX["upstream.failed"])
-        _bump(self.failed, _key(obj.get("kind")))
-        _bump(self.upstream_failed, _key(obj.get("name")))
-        self._error_type(obj)
+            self.timeline.add(second, INDEX["upstream.failed"], n)
+        _bump(self.failed, _key(obj.get("kind")), n)
+        _bump(self.upstream_failed, _key(obj.get("name")), n)
+        self._error_type(obj, n)
 
-    def _on_unhandled(self, obj: dict[str, Any], second: int | None) -> None:
-        self._error_type(obj)
+    def _on_unhandled(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self._error_type(obj, n)
 
-    def _on_mutation_failed(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.mutation_failures, _key(obj.get("session_id")))
-        self._error_type(obj)
+    def _on_mutation_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.mutation_failures, _key(obj.get("session_id")), n)
+        self._error_type(obj, n)
 
-    def _error_type(self, obj: dict[str, Any]) -> None:
+    def _error_type(self, obj: dict[str, Any], n: int) -> None:
         error_type = obj.get("error_type")
         if type(error_type) is str and error_type:
-            _bump(self.errors, error_type)
+            _bump(self.errors, error_type, n)
 
-    def _on_stage(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_stage(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         stage = _key(obj.get("stage"))
         stats = self.stages.get(stage)
         if stats is None:
             if len(self.stages) >= 64:
                 stage = OTHER_KEY
             stats = self.stages.setdefault(stage, _Timed())
-        stats.count += 1
+        stats.count += n
         duration = _duration(obj.get("duration_ms"))
         if duration is not None:
-            stats.sketch.add(duration)
+            for _ in range(n):
+                stats.sketch.add(duration)
 
-    def _on_timed_out(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.timed_out_stage, _key(obj.get("stage")))
+    def _on_timed_out(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.timed_out_stage, _key(obj.get("stage")), n)
 
-    def _on_completed(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_completed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         state = _key(obj.get("state"))
-        _bump(self.outcomes, state)
+        _bump(self.outcomes, state, n)
         series = INDEX.get("finalize." + state)
         if series is not None and second is not None:
-            self.timeline.add(second, series)
+            self.timeline.add(second, series, n)
 
-    def _on_finalize_failed(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.failed_stage, _key(obj.get("stage")))
+    def _on_finalize_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.failed_stage, _key(obj.get("stage")), n)
 
-    def _on_bulkhead(self, obj: dict[str, Any], second: int | None) -> None:
-        self.bulkhead_rejected += 1
+    def _on_bulkhead(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self.bulkhead_rejected += n
 
     # -- the report
 

@@ -292,9 +292,7 @@ def _fill(summary: LogSummary, cursor: Any) -> None:
             assert isinstance(event, str)
             handler = summary._handlers[event]
             obj = {name: read_field(raw) for name, raw in zip(RARE[event], (k0, k1, k2), strict=False)}
-            mark = seconds(rp) if rp is not None else None
-            for _ in range(n):
-                handler(obj, mark)
+            handler(obj, seconds(rp) if rp is not None else None, n)
     for kj, b, n, dmax in request_rows:
         _bucket(summary.routes.get(_key(read_field(kj))), b, n, dmax)
     for kj, b, n, dmax in stage_rows:
