@@ -109,71 +109,62 @@ def _stamp_key(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+#: Columns of the fields rare events read (status, route and stage have their own).
+_RARE_COLUMNS = {"status": "stj", "route": "rj", "stage": "sj", "session_id": "sess"}
+_RARE_COLUMNS.update({name: f"f_{name}" for name in ("name", "kind", "error_type", "state", "upstream",
+                                                      "operation", "count", "reason")})
+# The three grouping sets: every line by the fields of its own event (event, level, the
+# request's route/method/status, the rare events' keys); latency buckets; seconds.
+_LINES_KEY = ("bad", "ej", "lj", "tshape", "rj", "mj", "stj", "sj", "f_name", "f_kind", "f_error_type",
+              "f_state", "f_upstream", "f_operation", "f_count", "f_reason", "sess", "tpr", "win")
+_BUCKETS_KEY = ("ej", "rj", "sj", "b", "win")
+_SECONDS_KEY = ("tp", "isreq", "stj", "win")
+_COLUMNS = tuple(dict.fromkeys(_LINES_KEY + _BUCKETS_KEY + _SECONDS_KEY))
+
+
 def build_sql(path: str, since: datetime | None, until: datetime | None) -> str:
     struct = ", ".join(f'"{name}" JSON' for name in FIELDS)
     source = (f"read_json({_lit(path)}, format = 'newline_delimited', records = false, "
               f"ignore_errors = true, columns = {{j: 'STRUCT({struct})'}})")
-    rare = ", ".join(_lit(_json_text(e)) for e in RARE)
     timed = ", ".join(_lit(_json_text(e)) for e in TIMED)
-
-    def rare_key(i: int) -> str:
-        arms = " ".join(f"WHEN {_lit(_json_text(e))} THEN j.{fields[i]}::VARCHAR"
-                        for e, fields in RARE.items() if len(fields) > i)
-        return f"CASE WHEN rare THEN CASE ej {arms} END END AS k{i}"
-
     window = "true"
     if since is not None or until is not None:
         tk = "CASE tshape WHEN 1 THEN substr(tsj, 2, 26) WHEN 2 THEN substr(tsj, 2, 19) || '.000000' END"
-        low = _lit(_stamp_key(since)) if since is not None else None
-        high = _lit(_stamp_key(until)) if until is not None else None
-        parts = [f"({tk}) >= {low}" if low else "", f"({tk}) < {high}" if high else ""]
+        parts = [f"({tk}) >= {_lit(_stamp_key(since))}" if since is not None else "",
+                 f"({tk}) < {_lit(_stamp_key(until))}" if until is not None else ""]
         window = "coalesce(" + " AND ".join(p for p in parts if p) + ", false)"
+    rare = ", ".join(f"j.{name}::VARCHAR AS {column}" for name, column in _RARE_COLUMNS.items()
+                     if column.startswith("f_"))
+
+    def grouping(key: tuple[str, ...]) -> str:
+        return "(" + ", ".join(key) + ")"
+
     return f"""
 WITH raw AS (
-  SELECT j IS NULL AS bad, j.event::VARCHAR AS ej, j.level::VARCHAR AS lj, j.timestamp::VARCHAR AS tsj, j
+  SELECT j IS NULL AS bad, j.event::VARCHAR AS ej, j.level::VARCHAR AS lj, j.timestamp::VARCHAR AS tsj,
+    j.route::VARCHAR AS rj, j.method::VARCHAR AS mj, j.status::VARCHAR AS stj, j.stage::VARCHAR AS sj,
+    TRY_CAST(j.duration_ms::VARCHAR AS DOUBLE) AS d0, {rare},
+    CASE WHEN j.event::VARCHAR = '"session.mutation_failed"' THEN j.session_id::VARCHAR END AS sess
   FROM {source}
 ), shaped AS (
-  SELECT *, left(ej, 1) = '"' AS hasev, ej = '"http.request"' AS isreq, ej IN ({rare}) AS rare,
+  SELECT *, ej = '"http.request"' AS isreq,
     CASE WHEN tsj IS NULL OR left(tsj, 1) <> '"' THEN 0
          WHEN length(tsj) = 29 AND tsj GLOB {_lit(_GLOB_US)} THEN 1
-         WHEN length(tsj) = 22 AND tsj GLOB {_lit(_GLOB_S)} THEN 2 ELSE 3 END AS tshape
+         WHEN length(tsj) = 22 AND tsj GLOB {_lit(_GLOB_S)} THEN 2 ELSE 3 END AS tshape,
+    CASE WHEN d0 >= 0 AND d0 < 1e15 THEN d0 END AS d
   FROM raw
-), kinds AS (
-  SELECT *, CASE WHEN bad THEN 0 WHEN NOT coalesce(hasev, false) THEN 1
-                 WHEN NOT ({window}) THEN 2 ELSE 3 END AS kind,
-    CASE WHEN tshape IN (1, 2) THEN substr(tsj, 2, 19) END AS tp0
-  FROM shaped
 ), lines AS (
-  SELECT kind, ej, lj, tshape, tsj, CASE WHEN kind >= 2 THEN tp0 END AS tp,
-    CASE WHEN kind = 3 AND isreq THEN true END AS rq,
-    CASE WHEN kind = 3 AND isreq THEN j.route::VARCHAR END AS rj,
-    CASE WHEN kind = 3 AND isreq THEN j.method::VARCHAR END AS mj,
-    CASE WHEN kind = 3 AND isreq THEN j.status::VARCHAR END AS stj,
-    CASE WHEN kind = 3 AND isreq THEN 1 WHEN kind = 3 AND ej = '"finalize.stage"' THEN 2 END AS sk,
-    CASE WHEN kind = 3 AND isreq THEN j.route::VARCHAR
-         WHEN kind = 3 AND ej = '"finalize.stage"' THEN j.stage::VARCHAR END AS kj,
-    CASE WHEN kind = 3 AND (isreq OR ej = '"finalize.stage"') THEN j.duration_ms::VARCHAR END AS dj,
-    kind = 3 AND rare AS rare,
-    CASE WHEN kind = 3 AND ej IN ({timed}) THEN tp0 END AS rp,
-    j
-  FROM kinds
-), rare_lines AS (
-  SELECT * EXCLUDE (j), {rare_key(0)}, {rare_key(1)}, {rare_key(2)},
-    TRY_CAST(dj AS DOUBLE) AS d0
-  FROM lines
-), timed AS (
-  SELECT *, CASE WHEN d0 >= 0 AND d0 < 1e15 THEN d0 END AS d FROM rare_lines
-), bucketed AS (
-  SELECT *, CASE WHEN d >= {_MIN_MS!r} THEN CAST(ceil(ln(d) * {_INV_LOG_GAMMA!r}) AS BIGINT)
-                 WHEN d IS NOT NULL THEN {_ZERO} END AS b
-  FROM timed
+  SELECT *, {window} AS win,
+    CASE WHEN tshape IN (1, 2) THEN substr(tsj, 2, 19) END AS tp,
+    CASE WHEN tshape IN (1, 2) AND ej IN ({timed}) THEN substr(tsj, 2, 19) END AS tpr,
+    CASE WHEN d >= {_MIN_MS!r} THEN CAST(ceil(ln(d) * {_INV_LOG_GAMMA!r}) AS BIGINT)
+         WHEN d IS NOT NULL THEN {_ZERO} END AS b
+  FROM shaped
 )
-SELECT GROUPING(kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp) AS g,
-  kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp,
+SELECT GROUPING({", ".join(_COLUMNS)}) AS g, {", ".join(_COLUMNS)},
   count(*) AS n, min(tsj) AS lo, max(tsj) AS hi, max(d) AS dmax
-FROM bucketed
-GROUP BY GROUPING SETS ((kind, ej, lj, tshape), (rq, rj, mj, stj), (sk, kj, b), (tp, rq, stj),
-                        (rare, ej, k0, k1, k2, rp))
+FROM lines
+GROUP BY GROUPING SETS ({grouping(_LINES_KEY)}, {grouping(_BUCKETS_KEY)}, {grouping(_SECONDS_KEY)})
 """
 
 
@@ -182,22 +173,15 @@ def _json_text(value: str) -> str:
     return '"' + value + '"'
 
 
-# Which grouping set a row belongs to: GROUPING() sets a bit per column *not* grouped,
-# the first column the highest bit.
-_COLUMNS = ("kind", "ej", "lj", "tshape", "rq", "rj", "mj", "stj", "sk", "kj", "b", "tp", "rare",
-            "k0", "k1", "k2", "rp")
-
-
-def _mask(*grouped: str) -> int:
+def _mask(key: tuple[str, ...]) -> int:
+    # GROUPING() sets a bit per column *not* grouped, the first column the highest bit.
     width = len(_COLUMNS)
-    return sum(1 << (width - 1 - i) for i, name in enumerate(_COLUMNS) if name not in grouped)
+    return sum(1 << (width - 1 - i) for i, name in enumerate(_COLUMNS) if name not in key)
 
 
-_LINES = _mask("kind", "ej", "lj", "tshape")
-_REQUESTS = _mask("rq", "rj", "mj", "stj")
-_SKETCHES = _mask("sk", "kj", "b")
-_SECONDS = _mask("tp", "rq", "stj")
-_RARE = _mask("rare", "ej", "k0", "k1", "k2", "rp")
+_LINES = _mask(_LINES_KEY)
+_BUCKETS = _mask(_BUCKETS_KEY)
+_SECONDS = _mask(_SECONDS_KEY)
 
 
 class _Declined(Exception):
@@ -246,25 +230,24 @@ def _fill(summary: LogSummary, cursor: Any) -> None:
             value = values[raw] = read_value(raw)
             return value
 
-    stage_rows: list[tuple[Any, ...]] = []
-    request_rows: list[tuple[Any, ...]] = []
+    at = {name: i for i, name in enumerate(_COLUMNS, start=1)}
+    sketches: list[tuple[object, str | None, str | None, int, int, float]] = []
     for row in _rows(cursor):
-        (g, kind, ej, lj, tshape, rq, rj, mj, stj, sk, kj, b, tp, rare, k0, k1, k2, rp,
-         n, lo, hi, dmax) = row
+        g, n, lo, hi, dmax = row[0], row[-4], row[-3], row[-2], row[-1]
         if g == _LINES:
             summary.read += n
-            if kind == 0:
+            if row[at["bad"]]:
                 summary.not_json += n
                 continue
-            if kind == 1:
+            event = read_field(row[at["ej"]])
+            if type(event) is not str:
                 summary.no_event += n
                 continue
+            tshape = row[at["tshape"]]
             if tshape == 3:
                 raise _Declined  # a timestamp only Python's parser reads exactly
-            slot = summary._slot_for((read_field(ej), read_field(lj)))
-            if slot is None:  # not reached: kind 2 and 3 have a string event
-                raise _Declined
-            if kind == 2:
+            slot = summary._slot_for((event, read_field(row[at["lj"]])))
+            if slot is None or not row[at["win"]]:
                 summary.filtered_out += n
                 continue
             slot.count += n
@@ -276,28 +259,31 @@ def _fill(summary: LogSummary, cursor: Any) -> None:
                         raise _Declined from None
                     summary.first = min(summary.first, when)
                     summary.last = max(summary.last, when)
-        elif g == _REQUESTS and rq:
-            request = summary._request_slot_for((read_field(rj), read_field(mj), read_field(stj)))
-            request.count += n
-        elif g == _SKETCHES and sk is not None and b is not None:
-            (request_rows if sk == 1 else stage_rows).append((kj, b, n, dmax))
-        elif g == _SECONDS and tp is not None:
-            second = seconds(tp)
-            if rq:
-                summary.timeline.add(second, REQUESTS, n)
-                if _status_class(read_field(stj)) == "5xx":
-                    summary.timeline.add(second, ERRORS_5XX, n)
-        elif g == _RARE and rare:
-            event = read_field(ej)
-            assert isinstance(event, str)
-            handler = summary._handlers[event]
-            obj = {name: read_field(raw) for name, raw in zip(RARE[event], (k0, k1, k2), strict=False)}
-            handler(obj, seconds(rp) if rp is not None else None, n)
-    for kj, b, n, dmax in request_rows:
-        _bucket(summary.routes.get(_key(read_field(kj))), b, n, dmax)
-    for kj, b, n, dmax in stage_rows:
-        timed = summary.stages.get(_key(read_field(kj)))
-        _bucket(None if timed is None else timed.sketch, b, n, dmax)
+            if event == "http.request":
+                key = (read_field(row[at["rj"]]), read_field(row[at["mj"]]), read_field(row[at["stj"]]))
+                summary._request_slot_for(key).count += n
+            elif event in RARE:
+                obj = {name: read_field(row[at[_RARE_COLUMNS[name]]]) for name in RARE[event]}
+                tpr = row[at["tpr"]]
+                summary._handlers[event](obj, None if tpr is None else seconds(tpr), n)
+        elif g == _BUCKETS:
+            b = row[at["b"]]
+            if b is not None and row[at["win"]]:
+                sketches.append((read_field(row[at["ej"]]), row[at["rj"]], row[at["sj"]], b, n, dmax))
+        elif g == _SECONDS:
+            tp = row[at["tp"]]
+            if tp is not None:
+                second = seconds(tp)
+                if row[at["isreq"]] and row[at["win"]]:
+                    summary.timeline.add(second, REQUESTS, n)
+                    if _status_class(read_field(row[at["stj"]])) == "5xx":
+                        summary.timeline.add(second, ERRORS_5XX, n)
+    for event, rj, sj, b, n, dmax in sketches:
+        if event == "http.request":
+            _bucket(summary.routes.get(_key(read_field(rj))), b, n, dmax)
+        elif event == "finalize.stage":
+            timed = summary.stages.get(_key(read_field(sj)))
+            _bucket(None if timed is None else timed.sketch, b, n, dmax)
 
 
 def _bucket(sketch: LatencySketch | None, b: int, n: int, dmax: float) -> None:
