@@ -1,14 +1,15 @@
 """The DuckDB engine of the summary: one scan in DuckDB, the same counters, the same document.
 
-DuckDB parses the log (``read_json``, newline-delimited, on every core) and returns
-only grouped counts, in one query whose ``GROUPING SETS`` each fill one part of the
-summary: lines by (event, level) with the window, requests by (route, method, status),
-latency-sketch buckets (the bucket index of :mod:`ballast.logs.sketch`, computed in
-SQL), per-second counts for the timeline, and the rare events by the fields their
-handlers read. Fields come over as their JSON text and are turned into Python values by
-``orjson`` (:func:`ballast.logs.jsonline.read_field`), and the counts are fed to the
-streaming engine's own counters, handlers and timeline (a :class:`LogSummary`), so the
-tables, caps, percentiles and rendering are the same code whichever engine ran.
+DuckDB parses the log (``read_json``, newline-delimited, on every core), reading only
+the fields the summary uses, each as its JSON text, and returns grouped counts from one
+query with three ``GROUPING SETS``: every line by the fields of its own event (event,
+level, a request's route/method/status, the keys a rare event's handler reads, with
+the window's first and last timestamps); latency-sketch buckets (the bucket index of
+:mod:`ballast.logs.sketch`, computed in SQL) by route or stage; and counts per second
+for the timeline. Python turns each group's field texts into values with ``orjson``
+(:func:`ballast.logs.jsonline.read_field`) and feeds the counts to the streaming
+engine's own counters, handlers and timeline (a :class:`LogSummary`), so the tables,
+caps, percentiles and rendering are the same code whichever engine ran.
 
 It declines (returns ``None``; the caller then uses the streaming engine) when it
 cannot promise the streaming engine's answer: a line longer than ``MAX_LINE_BYTES``; a
