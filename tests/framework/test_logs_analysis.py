@@ -307,9 +307,9 @@ def messy_log(n: int, seed: int) -> list[bytes]:
 
 
 def assert_same_either_way(path: Path, **options: Any) -> dict[str, Any]:
-    one_pass = summarize_file(str(path), workers=1, **options)
+    one_pass = summarize_file(str(path), workers=1, engine="stream", **options)
     for workers in (2, 3, 7):
-        split = summarize_file(str(path), workers=workers, **options)
+        split = summarize_file(str(path), workers=workers, engine="stream", **options)
         assert orjson.dumps(split) == orjson.dumps(one_pass), workers
         assert format_summary_text(split) == format_summary_text(one_pass)
         assert render_html(split) == render_html(one_pass)
@@ -398,7 +398,7 @@ def test_tables_timeline_and_sketches_stay_bounded(tmp_path: Path) -> None:
 PEAK_RSS = """
 import resource, sys
 from ballast.logs import summarize_file
-summarize_file(sys.argv[1], workers=1)
+summarize_file(sys.argv[1], workers=1, engine="stream")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
