@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import run_logs_cli
 
 import ballast.logs.parallel as parallel
 from ballast.logs import format_summary_text, render_html, summarize_file
@@ -265,6 +266,24 @@ def test_engine_choice(tmp_path: Path) -> None:
     assert choose_engine(str(tmp_path / "missing.log"), "duckdb") == "stream"
     with pytest.raises(ValueError):
         choose_engine(str(big), "fast")
+
+
+def test_the_engine_option_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = write(tmp_path / "a.log", messy(300, 7))
+    outputs = set()
+    for engine in ("auto", "duckdb", "stream"):
+        code, out, err = run_logs_cli("summarize", "--json", "--engine", engine, str(log))
+        assert code == 0 and err == "", err
+        outputs.add(out)
+    assert len(outputs) == 1
+    with pytest.raises(SystemExit) as exited:
+        run_logs_cli("summarize", "--engine", "fast", str(log))
+    assert exited.value.code == 2
+    monkeypatch.setattr(duck, "available", lambda: False)
+    code, out, err = run_logs_cli("summarize", "--engine", "duckdb", str(log))
+    assert code == 1 and out == "" and "pip install 'ballast[logs]'" in err
+    code, out, _ = run_logs_cli("summarize", "--json", str(log))  # auto: the streaming engine
+    assert code == 0 and out in outputs
 
 
 # --------------------------------------------------------------------------- bounded memory
