@@ -15,7 +15,8 @@ It declines (returns ``None``; the caller then uses the streaming engine) when i
 cannot promise the streaming engine's answer: a line longer than ``MAX_LINE_BYTES``; a
 string ``timestamp`` not in the form Ballast writes (UTC, ``Z``, no fraction or six
 digits), which only Python's parser reads exactly; a capped table reaching its cap (as
-the parallel engine does); a DuckDB error. Memory: DuckDB runs with ``MEMORY_LIMIT``
+the parallel engine does); a file name with ``*``, ``?`` or ``[`` (DuckDB would read
+it as a pattern); a DuckDB error. Memory: DuckDB runs with ``MEMORY_LIMIT``
 and spills grouped state to a temporary directory beyond it; the grouped rows are read
 in chunks into the bounded counters.
 """
@@ -91,18 +92,28 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def longest_line_fits(path: str, limit: int = MAX_LINE_BYTES) -> bool:
-    """Whether no line of the file is longer than ``limit`` bytes (a few reads, not a scan)."""
+def longest_line_fits(path: str, limit: int = MAX_LINE_BYTES, probe: int = 1 << 16) -> bool:
+    """Whether no line of the file is longer than ``limit`` bytes.
+
+    It jumps ``limit`` bytes at a time and reads back from there (``probe`` bytes at a
+    time) to the last newline, so a file of ordinary lines costs one small read per
+    ``limit`` bytes, not a scan.
+    """
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        pos = 0
+        pos = 0  # the start of a line
         while size - pos > limit:
-            fh.seek(pos)
-            window = fh.read(limit + 1)
-            newline = window.rfind(b"\n")
-            if newline < 0:
-                return False
-            pos += newline + 1
+            end = pos + limit + 1  # a newline in [pos, end) ends this line in time
+            while True:
+                start = max(pos, end - probe)
+                fh.seek(start)
+                newline = fh.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    pos = start + newline + 1
+                    break
+                if start == pos:
+                    return False
+                end = start
     return True
 
 
@@ -308,6 +319,8 @@ def summarize_duckdb(
     """The summary of the plain file ``path`` computed by DuckDB; ``None`` if declined."""
     import duckdb
 
+    if any(c in path for c in "*?["):
+        return None  # DuckDB would read the name as a pattern of file names
     try:
         if not longest_line_fits(path):
             return None

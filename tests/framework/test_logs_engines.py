@@ -237,7 +237,8 @@ def test_duckdb_declines_what_it_cannot_read_exactly(tmp_path: Path) -> None:
     bad_date = write(tmp_path / "date.log", [rec("y", None, timestamp="2026-02-30T15:00:00.000000Z")])
     midnight = write(tmp_path / "24.log", [rec("y", None, timestamp="2026-02-27T24:00:00Z")])
     long_line = write(tmp_path / "long.log", [rec("x"), b'{"event":"x","p":"' + b"y" * (9 << 20) + b'"}'])
-    for path in (other_zone, naive, bad_date, midnight, long_line):
+    pattern = write(tmp_path / "l*g?[1].log", [rec("x")])
+    for path in (other_zone, naive, bad_date, midnight, long_line, pattern):
         assert duck.summarize_duckdb(str(path)) is None, path.name
         # ... and summarize_file falls back to the streaming engine, same document.
         expected = orjson.dumps(summarize_file(str(path), engine="stream"))
