@@ -218,6 +218,16 @@ def test_engines_agree_on_binary_garbage(tmp_path: Path) -> None:
     assert_engines_agree(log)
 
 
+def test_the_duckdb_engine_knows_every_handled_event() -> None:
+    """A handler added to the streaming engine must be added to ``duck.RARE`` too."""
+    from ballast.logs import LogSummary
+
+    handled = set(LogSummary()._handlers)
+    assert set(duck.RARE) == handled
+    assert handled >= duck.TIMED
+    assert {field for fields in duck.RARE.values() for field in fields} <= set(duck.FIELDS)
+
+
 def test_lenient_reading_rules() -> None:
     assert read_lenient(b'{"a": NaN, "b": -inf, "c": 1e400, "d": [1, 2,], }') == {
         "a": 1e300, "b": -1e300, "c": 1e300, "d": [1, 2]}
