@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="summaries of the same file (default 3)")
     parser.add_argument("--gzip", action="store_true", help="write the log gzip-compressed")
     parser.add_argument("--keep", metavar="PATH", help="write the log here and keep it")
+    parser.add_argument("--engine", choices=("auto", "duckdb", "stream"), default="stream",
+                        help="summary engine (default stream: the one-pass figures below are its own; "
+                             "bench_logs_compare.py times the engines side by side)")
     parser.add_argument("--workers", type=int, default=1,
                         help="summary processes (default 1: the one-pass engine, whose memory this "
                              "process's peak RSS measures; bench_logs_compare.py times the default)")
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(max(1, args.rounds)):
             started = time.perf_counter()
             cpu_started = time.process_time()
-            report = summarize_file(path, workers=args.workers)
+            report = summarize_file(path, workers=args.workers, engine=args.engine)
             walls.append(time.perf_counter() - started)
             cpus.append(time.process_time() - cpu_started)
         peak = _rss_mb()
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "written": written,
             "bytes": size,
             "gzip": args.gzip,
+            "engine": args.engine,
             "workers": args.workers,
             "rounds": len(walls),
             "seconds": round(seconds, 3),

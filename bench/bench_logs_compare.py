@@ -8,8 +8,13 @@ each round runs, in a rotating order, on the same warm file:
   count(*), sum(duration_ms) FROM read_json(...) GROUP BY event``), in this process,
   after one warm-up query: the bar;
 * ``ballast_summarize``: ``summarize_file(path)`` in this process (the whole summary:
-  every table, percentile and time series; default workers, the usable cores);
-* ``ballast_one_pass``: the same with ``workers=1``;
+  every table, percentile and time series), with the default engine (``auto``: DuckDB
+  when installed, as here);
+* ``ballast_duckdb``: the same, asking for ``engine="duckdb"`` (it fails the run if the
+  engine declined the file, so its figure is the DuckDB engine's own);
+* ``ballast_stream``: the streaming engine (``engine="stream"``; default workers, the
+  usable cores);
+* ``ballast_one_pass``: the streaming engine with ``workers=1``;
 * ``ballast_query``: ``ballast logs query`` running the same group-by through its
   ``logs`` view (typed catalogue columns plus the line as JSON), in a child process;
 * ``jq``: ``jq -nR 'reduce (inputs | fromjson? | objects) as $l ({}; ...)'`` computing
@@ -18,8 +23,8 @@ each round runs, in a rotating order, on the same warm file:
   at all.
 
 Prints one JSON document: per size and tool, the median seconds over ``--rounds``, and
-per size the ratios ``ballast_summarize / duckdb_groupby`` (median of per-round
-ratios).
+per size the ratio of each tool to ``duckdb_groupby`` (median of per-round ratios), and
+the load average before and after the size's rounds.
 
     python bench/bench_logs_compare.py [--rounds 3] [--rounds-1m 2] [--sizes 100000,1000000]
 """
@@ -55,10 +60,16 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def must(report: object) -> object:
+    if report is None:
+        raise RuntimeError("the DuckDB engine declined the benchmark log")
+    return report
+
+
 def tools(path: str) -> dict[str, Callable[[], object]]:
     import duckdb
 
-    from ballast.logs import summarize_file
+    from ballast.logs import duck, summarize_file
 
     con = duckdb.connect()
     source = f"read_json('{path}', format='newline_delimited', ignore_errors=true, " \
@@ -73,7 +84,9 @@ def tools(path: str) -> dict[str, Callable[[], object]]:
     found: dict[str, Callable[[], object]] = {
         "duckdb_groupby": lambda: con.execute(sql).fetchall(),
         "ballast_summarize": lambda: summarize_file(path),
-        "ballast_one_pass": lambda: summarize_file(path, workers=1),
+        "ballast_duckdb": lambda: must(duck.summarize_duckdb(path)),
+        "ballast_stream": lambda: summarize_file(path, engine="stream"),
+        "ballast_one_pass": lambda: summarize_file(path, workers=1, engine="stream"),
         "ballast_query": lambda: subprocess.run(
             [common.PYTHON, "-m", "ballast.logs", "query", GROUP_BY.format(source="logs"), path, "--csv"],
             capture_output=True, check=True),
@@ -89,6 +102,7 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
     try:
         common.write_bench_log(lines, path)
         runs = tools(path)
+        load_before = os.getloadavg()[0]
         names = list(runs)
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
@@ -107,6 +121,7 @@ def compare(lines: int, rounds: int) -> dict[str, Any]:
             "median_s": {name: round(statistics.median(t), 3) for name, t in times.items()},
             "rounds_s": {name: [round(x, 3) for x in t] for name, t in times.items()},
             "ratio_to_duckdb_groupby": ratios,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
     finally:
         os.unlink(path)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from ballast.logs.assemble import assemble_report
+from ballast.logs.jsonline import INVALID, first_wins, read_lenient
 from ballast.logs.protections import Handler, Protections
 from ballast.logs.reading import LineCounter, Readable, read_batches
 from ballast.logs.report import (
@@ -33,12 +34,13 @@ from ballast.logs.report import (
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS, LatencySketch
 from ballast.logs.slots import _HANDLED, _PLAIN, _REQUEST, _EventSlot, _RequestSlot, _Timed
 from ballast.logs.timeline import ERRORS_5XX, INDEX, REQUESTS, Timeline
-from ballast.logs.times import FAR_FUTURE, FAR_PAST
+from ballast.logs.times import FAR_FUTURE, FAR_PAST, epoch_second
 
 _MAX_EVENTS = 1000
 _MAX_LEVELS = 100
 _MAX_METHODS = 32
 _MAX_RAW_KEYS = 10_000
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class LogSummary:
@@ -67,7 +69,6 @@ class LogSummary:
         self.read = 0
         self.filtered_out = 0
         self.not_json = 0
-        self.not_object = 0
         self.no_event = 0
         self.lines = LineCounter()
         self.first = FAR_FUTURE
@@ -179,7 +180,6 @@ class LogSummary:
         ceil = math.ceil
         inv_log_gamma = _INV_LOG_GAMMA
         min_ms = _MIN_MS
-        floor = math.floor
         # Requests per second in this batch, added to the timeline once per second seen.
         per_second: dict[int, int] = {}
         errors_per_second: dict[int, int] = {}
@@ -189,18 +189,23 @@ class LogSummary:
         filtering = self.since is not None or self.until is not None
         first = self.first
         last = self.last
-        blank = filtered_out = not_json = not_object = no_event = 0
+        blank = filtered_out = not_json = no_event = 0
         for line in batch:
             try:
                 obj = loads(line)
             except decode_error:
-                if line.strip():
+                if not line.strip():
+                    blank += 1
+                    continue
+                obj = read_lenient(line)
+            else:
+                if type(obj) is dict and line.count(b'":') != len(obj):
+                    obj = first_wins(line, obj)  # maybe a repeated key: the first counts
+            if type(obj) is not dict:
+                if obj is None or obj is INVALID:
                     not_json += 1
                 else:
-                    blank += 1
-                continue
-            if type(obj) is not dict:
-                not_object += 1
+                    no_event += 1  # an array, a string, a number: JSON, but no event
                 continue
             key = (obj.get("event"), obj.get("level"))
             try:
@@ -237,9 +242,9 @@ class LogSummary:
                         if second is None:
                             if len(seconds) >= 4096:
                                 seconds.clear()
-                            second = seconds[ts[:19]] = floor(when.timestamp())
+                            second = seconds[ts[:19]] = epoch_second(when)
                     else:
-                        second = floor(when.timestamp())
+                        second = epoch_second(when)
             elif filtering:
                 filtered_out += 1
                 continue
@@ -266,7 +271,7 @@ class LogSummary:
                     else:
                         sketch.zeros += 1
                     if duration > sketch.max:
-                        sketch.max = duration
+                        sketch.max = float(duration)
             elif kind == _HANDLED:
                 handler = slot.handler
                 if handler is not None:
@@ -282,77 +287,86 @@ class LogSummary:
         self.blank += blank
         self.filtered_out += filtered_out
         self.not_json += not_json
-        self.not_object += not_object
         self.no_event += no_event
 
-    def feed_stream(self, stream: Readable) -> None:
-        """Read ``stream`` to the end; a read error ends the input and is reported."""
+    def feed_stream(self, stream: Readable, *, at_start: bool = True) -> None:
+        """Read ``stream`` to the end; a read error ends the input and is reported.
+
+        ``at_start``: the stream starts the input, so a UTF-8 byte-order mark there is
+        not part of the first line (as DuckDB reads a file).
+        """
         try:
             for batch in read_batches(stream, counter=self.lines):
+                if at_start:
+                    at_start = False
+                    if batch[0].startswith(UTF8_BOM):
+                        batch[0] = batch[0][len(UTF8_BOM):]
                 self.feed(batch)
         except (OSError, EOFError, zlib.error) as exc:
             self.input_error = f"input ended early: {exc}"
 
-    # -- handlers of the rarer events: each gets a dict whose fields may have any type.
+    # -- handlers of the rarer events: each gets a dict whose fields may have any type, the
+    # line's second (None: no time) and how many such lines (the DuckDB engine groups them).
 
-    def _on_retry(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_retry(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         if second is not None:
-            self.timeline.add(second, INDEX["upstream.retry"])
+            self.timeline.add(second, INDEX["upstream.retry"], n)
         status = obj.get("status")
         if type(status) is int:
             key = str(status)
         else:
             error_type = obj.get("error_type")
             key = error_type if type(error_type) is str and error_type else "(unknown)"
-        _bump(self.retries, key)
-        _bump(self.upstream_retries, _key(obj.get("name")))
+        _bump(self.retries, key, n)
+        _bump(self.upstream_retries, _key(obj.get("name")), n)
 
-    def _on_upstream_failed(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_upstream_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         if second is not None:
-            self.timeline.add(second, INDEX["upstream.failed"])
-        _bump(self.failed, _key(obj.get("kind")))
-        _bump(self.upstream_failed, _key(obj.get("name")))
-        self._error_type(obj)
+            self.timeline.add(second, INDEX["upstream.failed"], n)
+        _bump(self.failed, _key(obj.get("kind")), n)
+        _bump(self.upstream_failed, _key(obj.get("name")), n)
+        self._error_type(obj, n)
 
-    def _on_unhandled(self, obj: dict[str, Any], second: int | None) -> None:
-        self._error_type(obj)
+    def _on_unhandled(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self._error_type(obj, n)
 
-    def _on_mutation_failed(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.mutation_failures, _key(obj.get("session_id")))
-        self._error_type(obj)
+    def _on_mutation_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.mutation_failures, _key(obj.get("session_id")), n)
+        self._error_type(obj, n)
 
-    def _error_type(self, obj: dict[str, Any]) -> None:
+    def _error_type(self, obj: dict[str, Any], n: int) -> None:
         error_type = obj.get("error_type")
         if type(error_type) is str and error_type:
-            _bump(self.errors, error_type)
+            _bump(self.errors, error_type, n)
 
-    def _on_stage(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_stage(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         stage = _key(obj.get("stage"))
         stats = self.stages.get(stage)
         if stats is None:
             if len(self.stages) >= 64:
                 stage = OTHER_KEY
             stats = self.stages.setdefault(stage, _Timed())
-        stats.count += 1
+        stats.count += n
         duration = _duration(obj.get("duration_ms"))
         if duration is not None:
-            stats.sketch.add(duration)
+            for _ in range(n):
+                stats.sketch.add(duration)
 
-    def _on_timed_out(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.timed_out_stage, _key(obj.get("stage")))
+    def _on_timed_out(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.timed_out_stage, _key(obj.get("stage")), n)
 
-    def _on_completed(self, obj: dict[str, Any], second: int | None) -> None:
+    def _on_completed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
         state = _key(obj.get("state"))
-        _bump(self.outcomes, state)
+        _bump(self.outcomes, state, n)
         series = INDEX.get("finalize." + state)
         if series is not None and second is not None:
-            self.timeline.add(second, series)
+            self.timeline.add(second, series, n)
 
-    def _on_finalize_failed(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.failed_stage, _key(obj.get("stage")))
+    def _on_finalize_failed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.failed_stage, _key(obj.get("stage")), n)
 
-    def _on_bulkhead(self, obj: dict[str, Any], second: int | None) -> None:
-        self.bulkhead_rejected += 1
+    def _on_bulkhead(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self.bulkhead_rejected += n
 
     # -- the report
 

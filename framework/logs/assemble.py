@@ -88,7 +88,6 @@ def assemble_report(summary: LogSummary) -> SummaryReport:
     counted = sum(by_event.values())
     skipped: SkippedReport = {
         "not_json": summary.not_json,
-        "not_object": summary.not_object,
         "no_event": summary.no_event,
         "too_long": summary.lines.too_long,
     }

@@ -18,7 +18,8 @@ import orjson
 from ballast.logs.page import render_html
 from ballast.logs.query import EngineMissing, QueryError, format_json, format_table, run_query, write_csv
 from ballast.logs.reading import LogInputError
-from ballast.logs.summarize import summarize_file
+from ballast.logs.summarize import ENGINES, summarize_file
+from ballast.logs.summarize import EngineMissing as SummaryEngineMissing
 from ballast.logs.tail import follow
 from ballast.logs.text import format_summary_text
 from ballast.logs.timeline import parse_interval
@@ -58,8 +59,13 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
         help="bucket width of the time series (30s, 5m, 1h); default: chosen from the log's span",
     )
     summarize.add_argument(
+        "--engine", choices=ENGINES, default="auto",
+        help="auto (default): DuckDB for a plain file of 1 MiB or more when installed, else stream; "
+        "duckdb; stream (the built-in reader). The output is the same",
+    )
+    summarize.add_argument(
         "--workers", type=int, default=None, metavar="N",
-        help="processes for a large plain file (default: the usable cores; 1: one pass)",
+        help="stream engine: processes for a large plain file (default: the usable cores; 1: one pass)",
     )
 
     trace = commands.add_parser(
@@ -123,9 +129,14 @@ def _run_summarize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.workers is not None and args.workers < 1:
         err.write("ballast logs summarize: --workers must be at least 1\n")
         return 2
-    report = summarize_file(
-        args.file, since=args.since, until=args.until, interval_s=args.interval, workers=args.workers
-    )
+    try:
+        report = summarize_file(
+            args.file, since=args.since, until=args.until, interval_s=args.interval, workers=args.workers,
+            engine=args.engine,
+        )
+    except SummaryEngineMissing as exc:
+        err.write(f"ballast logs summarize: {exc}\n")
+        return 1
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as fh:

@@ -83,8 +83,7 @@ def render_html(report: SummaryReport) -> str:
         ("counted", lines["counted"]),
         ("filtered out", lines["filtered_out"]),
         ("skipped: not JSON", skipped["not_json"]),
-        ("skipped: not an object", skipped["not_object"]),
-        ("skipped: no event", skipped["no_event"]),
+        ("skipped: no event (or not an object)", skipped["no_event"]),
         ("skipped: too long", skipped["too_long"]),
     ):
         parts.append(f"<tr><td>{_esc(label)}</td><td>{n:,}</td></tr>")

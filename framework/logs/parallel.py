@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +31,10 @@ from ballast.logs.slots import _RequestSlot, _Timed
 from ballast.logs.timeline import MAX_BUCKETS, Timeline, _coarser
 
 MIN_PARALLEL_BYTES = 16 << 20
+_TABLES = (
+    "retries", "failed", "upstream_retries", "upstream_failed", "outcomes", "timed_out_stage",
+    "failed_stage", "mutation_failures", "errors",
+)
 MAX_WORKERS = 8
 RANGES_PER_WORKER = 4
 
@@ -72,7 +76,7 @@ def _summarise_range(job: tuple[str, int, int, dict[str, Any]]) -> LogSummary:
     summary = LogSummary(**options)
     stream = _Range(path, start, end)
     try:
-        summary.feed_stream(stream)
+        summary.feed_stream(stream, at_start=start == 0)
     finally:
         stream.close()
     # The raw-key caches are rebuilt on demand; no need to send them back.
@@ -108,7 +112,7 @@ def _merge_timeline(into: Timeline, other: Timeline) -> None:
 
 def merge(into: LogSummary, other: LogSummary) -> bool:
     """Add ``other``'s counts to ``into``; ``False`` if a capped table got full (then redo in one pass)."""
-    for name in ("blank", "read", "filtered_out", "not_json", "not_object", "no_event", "bulkhead_rejected"):
+    for name in ("blank", "read", "filtered_out", "not_json", "no_event", "bulkhead_rejected"):
         setattr(into, name, getattr(into, name) + getattr(other, name))
     into.lines.too_long += other.lines.too_long
     if other.input_error is not None:
@@ -134,11 +138,7 @@ def merge(into: LogSummary, other: LogSummary) -> bool:
         mine_timed = into.stages.setdefault(stage, _Timed())
         mine_timed.count += timed.count
         mine_timed.sketch.merge(timed.sketch)
-    tables = (
-        "retries", "failed", "upstream_retries", "upstream_failed", "outcomes", "timed_out_stage",
-        "failed_stage", "mutation_failures", "errors",
-    )
-    for name in tables:
+    for name in _TABLES:
         _add(getattr(into, name), getattr(other, name))
     mine_p, theirs = into.protections, other.protections
     _add(mine_p.circuit, theirs.circuit)
@@ -147,13 +147,21 @@ def merge(into: LogSummary, other: LogSummary) -> bool:
     mine_p.shed_lines += theirs.shed_lines
     mine_p.shed_requests += theirs.shed_requests
     _merge_timeline(into.timeline, other.timeline)
-    # Exact only while no table reached its cap (below it, no key was ever folded).
-    capped = [(into._events, _MAX_EVENTS), (into._levels, _MAX_LEVELS), (into.routes, MAX_ROUTES),
-              (into.stages, 64), (mine_p.shed_by_route, 256)]
-    capped += [(methods, _MAX_METHODS) for methods in into._methods.values()]
-    capped += [(getattr(into, name), MAX_KEYS) for name in tables]
-    capped += [(getattr(mine_p, name), MAX_KEYS) for name in ("opened_by_upstream", "retry_denied",
-                                                              "fallback", "auth_denied")]
+    return within_caps(into)
+
+
+def within_caps(summary: LogSummary) -> bool:
+    """Whether no capped table is full: below its cap no key was folded into ``(other)``,
+    so the counts do not depend on the order lines were seen in."""
+    protections = summary.protections
+    capped: list[tuple[Sized, int]] = [
+        (summary._events, _MAX_EVENTS), (summary._levels, _MAX_LEVELS), (summary.routes, MAX_ROUTES),
+        (summary.stages, 64), (protections.shed_by_route, 256),
+    ]
+    capped += [(methods, _MAX_METHODS) for methods in summary._methods.values()]
+    capped += [(getattr(summary, name), MAX_KEYS) for name in _TABLES]
+    capped += [(getattr(protections, name), MAX_KEYS) for name in ("opened_by_upstream", "retry_denied",
+                                                                   "fallback", "auth_denied")]
     return all(len(table) < cap for table, cap in capped)
 
 
@@ -189,6 +197,8 @@ def summarize_parallel(
         return None  # the one-pass reader reports the error in its own words
     options = {"since": since, "until": until, "interval_s": interval_s}
     jobs = [(path, a, b, options) for a, b in itertools.pairwise(points)]
+    if len(jobs) < 2:
+        return None  # nothing to split (an empty file, or one line)
     total = LogSummary(since=since, until=until, interval_s=interval_s)
     with open_log(path) as source:
         total.source, total.gzip = source.name, source.gzip

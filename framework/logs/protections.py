@@ -11,13 +11,16 @@ says how many requests it stands for), ``auth.denied`` (``reason``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 from ballast.logs.report import _bump, _by_count, _key
 from ballast.logs.timeline import INDEX, Timeline
 
-Handler = Callable[[dict[str, Any], "int | None"], None]
+
+class Handler(Protocol):
+    """A rare event's handler: the line's fields, its second (``None``: no time), how many lines."""
+
+    def __call__(self, obj: dict[str, Any], second: int | None, n: int = 1, /) -> None: ...
 
 
 class CircuitReport(TypedDict):
@@ -73,46 +76,46 @@ class Protections:
             "auth.denied": self._on_auth_denied,
         }
 
-    def _mark(self, series: str, second: int | None, n: int = 1) -> None:
+    def _mark(self, series: str, second: int | None, n: int) -> None:
         if second is not None:
             self.timeline.add(second, INDEX[series], n)
 
-    def _on_opened(self, obj: dict[str, Any], second: int | None) -> None:
-        self.circuit["opened"] += 1
-        _bump(self.opened_by_upstream, _key(obj.get("upstream")))
-        self._mark("circuit.opened", second)
+    def _on_opened(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self.circuit["opened"] += n
+        _bump(self.opened_by_upstream, _key(obj.get("upstream")), n)
+        self._mark("circuit.opened", second, n)
 
-    def _on_half_open(self, obj: dict[str, Any], second: int | None) -> None:
-        self.circuit["half_open"] += 1
-        self._mark("circuit.half_open", second)
+    def _on_half_open(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self.circuit["half_open"] += n
+        self._mark("circuit.half_open", second, n)
 
-    def _on_closed(self, obj: dict[str, Any], second: int | None) -> None:
-        self.circuit["closed"] += 1
-        self._mark("circuit.closed", second)
+    def _on_closed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        self.circuit["closed"] += n
+        self._mark("circuit.closed", second, n)
 
-    def _on_retry_denied(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.retry_denied, _key(obj.get("kind")))
-        self._mark("upstream.retry_denied", second)
+    def _on_retry_denied(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.retry_denied, _key(obj.get("kind")), n)
+        self._mark("upstream.retry_denied", second, n)
 
-    def _on_fallback(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.fallback, _key(obj.get("operation")))
-        self._mark("fallback.used", second)
+    def _on_fallback(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.fallback, _key(obj.get("operation")), n)
+        self._mark("fallback.used", second, n)
 
-    def _on_shed(self, obj: dict[str, Any], second: int | None) -> None:
-        n = _shed_count(obj.get("count"))
-        self.shed_lines += 1
-        self.shed_requests += n
+    def _on_shed(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        requests = _shed_count(obj.get("count")) * n
+        self.shed_lines += n
+        self.shed_requests += requests
         route = _key(obj.get("route"))
         table = self.shed_by_route
         if route in table or len(table) < 256:
-            table[route] = table.get(route, 0) + n
+            table[route] = table.get(route, 0) + requests
         else:
-            table["(other)"] = table.get("(other)", 0) + n
-        self._mark("load.shed", second, n)
+            table["(other)"] = table.get("(other)", 0) + requests
+        self._mark("load.shed", second, requests)
 
-    def _on_auth_denied(self, obj: dict[str, Any], second: int | None) -> None:
-        _bump(self.auth_denied, _key(obj.get("reason")))
-        self._mark("auth.denied", second)
+    def _on_auth_denied(self, obj: dict[str, Any], second: int | None, n: int = 1) -> None:
+        _bump(self.auth_denied, _key(obj.get("reason")), n)
+        self._mark("auth.denied", second, n)
 
     def report(self) -> ProtectionsReport:
         return {

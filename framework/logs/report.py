@@ -26,7 +26,6 @@ _STATUS_CLASS = {code: f"{code // 100}xx" for code in range(100, 600)}
 
 class SkippedReport(TypedDict):
     not_json: int
-    not_object: int
     no_event: int
     too_long: int
 
@@ -133,14 +132,14 @@ class SummaryReport(TypedDict):
 
 
 
-def _bump(table: dict[str, int], key: str, cap: int = MAX_KEYS) -> None:
-    """Count ``key``, folding new keys into ``(other)`` once ``cap`` keys exist."""
+def _bump(table: dict[str, int], key: str, n: int = 1, cap: int = MAX_KEYS) -> None:
+    """Count ``key`` ``n`` times, folding new keys into ``(other)`` once ``cap`` keys exist."""
     if key in table:
-        table[key] += 1
+        table[key] += n
     elif len(table) < cap:
-        table[key] = 1
+        table[key] = n
     else:
-        table[OTHER_KEY] = table.get(OTHER_KEY, 0) + 1
+        table[OTHER_KEY] = table.get(OTHER_KEY, 0) + n
 
 
 def _key(value: object) -> str:

@@ -69,9 +69,7 @@ def format_summary_text(report: SummaryReport, *, top: int = 10) -> str:
     """The compact human-readable report printed by ``ballast logs summarize``."""
     lines = report["lines"]
     skipped = lines["skipped"]
-    skipped_total = sum(
-        (skipped["not_json"], skipped["not_object"], skipped["no_event"], skipped["too_long"])
-    )
+    skipped_total = sum((skipped["not_json"], skipped["no_event"], skipped["too_long"]))
     out: list[str] = []
     source = report["input"]["source"]
     out.append(f"Log: {source}{' (gzip)' if report['input']['gzip'] else ''}")
@@ -87,7 +85,7 @@ def format_summary_text(report: SummaryReport, *, top: int = 10) -> str:
     out.append(
         f"Lines: {lines['total']:,} total, {lines['counted']:,} counted, "
         f"{skipped_total:,} skipped (not JSON {skipped['not_json']:,}, "
-        f"not an object {skipped['not_object']:,}, no event {skipped['no_event']:,}, "
+        f"no event {skipped['no_event']:,}, "
         f"too long {skipped['too_long']:,}), {lines['filtered_out']:,} filtered out"
     )
     levels = "  ".join(f"{k} {n:,}" for k, n in lines["by_level"].items())

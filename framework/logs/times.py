@@ -15,6 +15,9 @@ from datetime import UTC, datetime, timedelta
 FAR_PAST = datetime.min.replace(tzinfo=UTC)
 FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -30,6 +33,11 @@ def parse_timestamp(value: object) -> datetime | None:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed
+
+
+def epoch_second(when: datetime) -> int:
+    """Whole seconds since the Unix epoch (floor) of an aware datetime, exactly (no float)."""
+    return (when - _EPOCH) // _SECOND
 
 
 def parse_time_arg(text: str, *, now: datetime | None = None) -> datetime:
