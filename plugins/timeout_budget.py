@@ -120,7 +120,11 @@ class Watchdog:
         """Cancel ``task`` once ``time.monotonic()`` passes ``at``, unless released first."""
         self._inflight[task] = at
         if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
+            self.arm()
+
+    def arm(self) -> None:
+        """Start the sweep timer (it stops by itself when nothing is in flight)."""
+        self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
 
     def release(self, task: asyncio.Task[object]) -> bool:
         """Stop watching ``task``; True if the watchdog cancelled it (now uncancelled)."""
@@ -160,21 +164,27 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
         return BudgetExceeded(detail, internal=f"{request.method} {request.path} exceeded "
                                                f"its {request_ms} ms budget")
 
+    # The watchdog's table, used in place (its watch/release, inlined: every request).
+    inflight = dog._inflight
+    expired = dog._expired
+    current_task = asyncio.current_task
+    scope_var = budget._current
+
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
-        task = asyncio.current_task()
+        task = current_task()
         assert task is not None, "a request handler runs in a task"
         at = clock() + seconds
         # An earlier deadline already in force (a scope around this request) still wins.
-        outer = budget.scoped()
-        if outer is not None and outer.at < at:
+        outer = scope_var.get()
+        if isinstance(outer, Deadline) and outer.at < at:
             at = outer.at
-        dog.watch_until(task, at)  # also puts the deadline in force for this task
-        cancelled_by_us = False
+        inflight[task] = at  # also puts the deadline in force for this task
+        if dog._handle is None:
+            dog.arm()
         try:
             return await handler(request)
         except asyncio.CancelledError:
-            cancelled_by_us = dog.release(task)
-            if cancelled_by_us:
+            if dog.release(task):
                 raise exceeded(request) from None
             raise
         except UpstreamError as exc:
@@ -182,8 +192,10 @@ def request_budget(*, request_ms: int, watchdog: Watchdog | None = None) -> Midd
                 raise exceeded(request) from exc
             raise
         finally:
-            if not cancelled_by_us:
-                dog.release(task)
+            inflight.pop(task, None)
+            if expired and task in expired:  # cancelled by the sweep, but ended otherwise
+                expired.discard(task)
+                task.uncancel()
 
     return impl
 
