@@ -155,3 +155,20 @@ def run_logs_cli(*argv: str) -> tuple[int, str, str]:
     finally:
         sys.stdout, sys.stderr = old
     return code, out.getvalue(), err.getvalue()
+
+
+#: Python source that prints this process's peak RSS in KiB: ``VmHWM`` where /proc has
+#: it. Not ``ru_maxrss``: across ``exec`` Linux keeps the larger of the old and new
+#: peaks, so a child started from a big test process reports the parent's size.
+PEAK_RSS_KIB = """
+def _peak_rss_kib():
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import PEAK_RSS_KIB
 from support import run_logs_cli as run_cli
 
 import ballast.logs.parallel as parallel
@@ -395,11 +396,11 @@ def test_tables_timeline_and_sketches_stay_bounded(tmp_path: Path) -> None:
     assert report["lines"]["counted"] == 60_000
 
 
-PEAK_RSS = """
-import resource, sys
+PEAK_RSS = PEAK_RSS_KIB + """
+import sys
 from ballast.logs import summarize_file
 summarize_file(sys.argv[1], workers=1, engine="stream")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(_peak_rss_kib())
 """
 
 

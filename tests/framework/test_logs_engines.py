@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from support import run_logs_cli
+from support import PEAK_RSS_KIB, run_logs_cli
 
 import ballast.logs.parallel as parallel
 from ballast.logs import format_summary_text, render_html, summarize_file
@@ -300,11 +300,11 @@ def test_the_engine_option_on_the_command_line(tmp_path: Path, monkeypatch: pyte
 # --------------------------------------------------------------------------- bounded memory
 
 
-PEAK_RSS = """
-import resource, sys
+PEAK_RSS = PEAK_RSS_KIB + """
+import sys
 from ballast.logs import duck
 assert duck.summarize_duckdb(sys.argv[1]) is not None
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(_peak_rss_kib())
 """
 
 
