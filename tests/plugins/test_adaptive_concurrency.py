@@ -191,6 +191,63 @@ def test_a_probe_relearns_the_unloaded_latency_under_sustained_load() -> None:
     assert lim.limit >= KNEE
 
 
+def window(lim: GradientLimit, latency: float, *, in_flight: int | None = None) -> None:
+    """Complete the limiter's current window: ``in_flight`` requests (default: the
+    limit's worth, so the load tests the limit), all taking ``latency``."""
+    end = lim._window_end
+    assert end is not None
+    n = lim.limit if in_flight is None else in_flight
+    for _ in range(n):
+        assert lim.try_acquire()
+    for i in range(n):
+        lim.release(end - lim.window_s / 2 + i * 1e-6, latency)
+    assert lim.try_acquire()
+    assert lim.release(end, latency)  # the window's end: the limit is recomputed
+
+
+def test_growth_is_at_most_sqrt_limit_a_window() -> None:
+    """Room to grow (latency far under the tolerance) moves the limit up by sqrt(limit)
+    a window, not in proportion to the headroom: one quiet window cannot double it."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=100, window_s=0.1)
+    seen = [lim.limit]
+    for _ in range(3):
+        window(lim, BASE)
+        seen.append(lim.limit)
+    assert seen == [100, 110, 120, 131]  # +10, +sqrt(110), +sqrt(120.5)
+
+
+def test_growth_stops_where_the_latency_would_reach_the_tolerance() -> None:
+    """Headroom smaller than sqrt(limit): the step is what the latency allows (past
+    saturation latency grows with the requests in flight), so the limit does not
+    overshoot into a queue it must then shed its way out of."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=100, window_s=0.1, tolerance=1.5)
+    window(lim, 1.4 * BASE)  # 1.5 / 1.4: room for about 7 % more
+    assert lim.limit == 107
+
+
+def test_a_flood_halves_the_limit_each_window_until_the_queue_is_gone() -> None:
+    """Latency over twice the tolerated (a flood arriving with the limit where a lighter
+    load left it) halves the limit every window instead of trimming it by a smoothed
+    step, so the queue it lets in lasts a few windows, not a few seconds."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=64, window_s=0.1)
+    seen = []
+    for _ in range(3):
+        window(lim, 8 * BASE)
+        seen.append(lim.limit)
+    assert seen == [32, 16, 8]
+    # Between 1 and 2 times the tolerance: a smoothed step (noise is not a flood).
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=64, window_s=0.1)
+    window(lim, 2.0 * BASE)  # gradient 0.75
+    assert lim.limit == int(64 + 0.3 * (64 * 0.75 - 64))
+
+
+def test_under_a_steady_flood_the_limit_holds_still() -> None:
+    lim = GradientLimit(min_limit=8, max_limit=1000, initial_limit=64)
+    run = simulate(lim, clients=500, seconds=10.0)
+    late = [limit for t, limit in run.limits if t > 3.0]
+    assert min(late) >= KNEE and max(late) <= 2 * KNEE, (min(late), max(late))
+
+
 def test_shares_shed_deferrable_work_first_and_ingest_last() -> None:
     lim = warmed(min_limit=1, max_limit=10, initial_limit=10)
     for _ in range(8):
