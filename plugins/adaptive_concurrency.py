@@ -93,7 +93,7 @@ class Settings(PluginSection):
     tolerance: float = Field(1.5, ge=1.0, le=10.0,
                              description="latency over the baseline tolerated before the limit shrinks")
     latency_floor_ms: float = Field(
-        25.0, ge=0.0, le=60_000.0,
+        15.0, ge=0.0, le=60_000.0,
         description="latency never treated as queueing: below tolerance x this, the limit never shrinks")
     window_ms: int = Field(100, ge=10, le=60_000, description="how often the limit is recomputed")
     probe_interval_s: float = Field(
