@@ -11,7 +11,7 @@ load on a shared machine weighs on both sides of a ratio alike.
    own latency.
 2. Flood: ``FLOOD_CONNECTIONS`` connections, plus the canary. The server must keep
    doing its capacity's worth of work (goodput, 2xx mutations per second, at least
-   ``GOODPUT_FLOOR`` of the reference; see there) with the canary's admitted p99 at most
+   ``GOODPUT_FLOOR`` of the reference) with the canary's admitted p99 at most
    ``P99_CEILING`` times the reference p99; every refusal is a 503 problem with
    ``Retry-After`` and the request id; nothing acknowledged is lost.
 3. Recovery: the reference load again, with no refusal at all.
@@ -20,6 +20,8 @@ The canary retries a refusal after 50 ms rather than ``Retry-After``: it is ther
 measure what an admitted request waits, so it needs admitted requests.
 
 Ratios of two phases of one run, not absolute timings, so a slow machine slows both.
+A phase's goodput counts the answers that finished inside its window, divided by the
+window's length (a refused client never sleeps past the end of it).
 """
 
 from __future__ import annotations
@@ -51,17 +53,14 @@ FLOOD_S = float(scale(4, 20))
 RECOVERY_S = 3.0
 BATCH = 100
 SESSIONS = [f"flood-{i}" for i in range(32)]
-#: The target is 0.8, which this does not reliably reach (bench/README.md has the
-#: figures): the store's group commit gains throughput from concurrency, so holding the
-#: requests in flight down for latency costs some goodput; and shared 2-core test
-#: machines put single rounds anywhere from 0.4 to 1.3 with the same code. The test
-#: holds the median of three rounds to a floor that guards against collapse (a limit
-#: stuck at its floor, or shedding that eats the server), not to the target.
-GOODPUT_FLOOR = 0.4
-#: The target is 4; medians of 1.3 to 4.1 were measured (bench/README.md). Without the
-#: plugin the same flood measures 12 to 20, so a ceiling of 6 still fails a limit that
-#: does not hold, without failing on a noisy reference round.
-P99_CEILING = 6.0
+#: The issue's targets, held to the median over the rounds of per-round ratios (single
+#: rounds on a shared 2-core machine swing widely either way: bench/README.md, 6.).
+GOODPUT_FLOOR = 0.8
+#: Without the plugin the same flood measures 10x to 20x (every request queues).
+P99_CEILING = 4.0
+#: Recovery is one round, not a median, so its goodput is held only against collapse
+#: (a limit stuck low); the issue's criterion for it is that nothing is shed.
+RECOVERY_FLOOR = 0.5
 
 _ids = itertools.count()
 
@@ -232,13 +231,13 @@ def test_past_capacity_goodput_and_latency_hold_and_the_rest_is_told_to_come_bac
         for sid, ids in phase.acked.items():
             assert ids <= stored[sid], f"{len(ids - stored[sid])} acknowledged mutations lost in {sid}"
     assert ref.shed == 0, "the reference load is within capacity"
-    assert flood.shed > 0, "the flood did not exceed the limit"
-    assert statistics.median(goodput) >= GOODPUT_FLOOR, goodput
     assert all(len(f.canary) >= 5 for f in floods), [len(f.canary) for f in floods]
     assert statistics.median(p99) <= P99_CEILING, p99
-    # Recovery: the reference load again, none of it shed, at the reference's pace.
+    assert statistics.median(goodput) >= GOODPUT_FLOOR, goodput
+    assert flood.shed > 0, "the flood did not exceed the limit"
+    # Recovery: the reference load again, none of it shed.
     assert after.shed == 0
-    assert after.goodput >= GOODPUT_FLOOR * refs[-1].goodput, (after.goodput, refs[-1].goodput)
+    assert after.goodput >= RECOVERY_FLOOR * refs[-1].goodput, (after.goodput, refs[-1].goodput)
     # Sampled: at most one load.shed line a second, and together they count the refusals
     # (those after the last line are counted by the next one, if any).
     assert 0 < len(shed_lines) <= ROUNDS * (FLOOD_S + REF_S + 3) + RECOVERY_S
