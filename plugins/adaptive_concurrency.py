@@ -59,9 +59,10 @@ Disabled: every request is admitted; past capacity, latency grows for everyone.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import Field, model_validator
@@ -318,10 +319,19 @@ class Admission:
 
     def __init__(self, limiter: GradientLimit, *, retry_after_s: int = 1,
                  telemetry: Telemetry | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.limiter = limiter
         self.retry_after = str(retry_after_s)
+        self.retry_after_s = float(retry_after_s)
         self.clock = clock
+        self.sleep = sleep
+        self.held_total = 0  # refusals held back until the Retry-After given before ran out
+        # When each connection (by peer address) that was refused may come back, in two
+        # generations of retry_after_s each, so that the maps stay small.
+        self._due: dict[object, float] = {}
+        self._due_before: dict[object, float] = {}
+        self._generation_end = -math.inf
         self.shed_total = 0
         self._unlogged = 0
         self._last_shed_line = -math.inf
@@ -363,7 +373,21 @@ class Admission:
                 return self._shed(request, route)
             return await handler(request)
         if not limiter.try_acquire(share):
-            return self._shed(request, route)
+            wait = self._early(request)
+            if wait <= 0.0:
+                return self._shed(request, route)
+            # Back on the same connection before the Retry-After it was given ran out
+            # (a client that retries at once, as wrk does): its request waits, at no
+            # cost but a sleeping task, until then, and is admitted if there is room by
+            # then, else refused. Refused at once, such a client would loop: each
+            # refusal costs about 0.1 ms (parsing, the access line), as much as a small
+            # request, and the limit would read that work as queueing and shrink,
+            # refusing more (measured: 14,065 refusals in 4 s, the limit at min_limit,
+            # half the goodput of admitting everyone).
+            self.held_total += 1
+            await self.sleep(wait)
+            if not limiter.try_acquire(share):
+                return self._shed(request, route)
         clock = self.clock
         started = clock()
         dropped = False
@@ -386,12 +410,30 @@ class Admission:
             elif self._unlogged and now - self._last_shed_line >= 1.0:
                 self._log_shed(now)
 
+    def _early(self, request: web.Request) -> float:
+        """Seconds until this request's connection may come back (0: not refused lately)."""
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not peer:
+            return 0.0
+        due = self._due.get(peer)
+        if due is None:
+            due = self._due_before.get(peer)
+        return 0.0 if due is None else due - self.clock()
+
     def _shed(self, request: web.Request, route: str) -> web.Response:
         self.shed_total += 1
         self._unlogged += 1
         self._last_shed_route = route
         self._shed_metric.inc(route)
         now = self.clock()
+        if now >= self._generation_end:
+            self._due_before, self._due = self._due, {}
+            self._generation_end = now + self.retry_after_s
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if peer:
+            self._due[peer] = now + self.retry_after_s
         if now - self._last_shed_line >= 1.0:
             self._log_shed(now)
         return problem_response(

@@ -12,6 +12,7 @@ import heapq
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
@@ -284,9 +285,14 @@ def test_settings_refuse_an_initial_limit_outside_the_bounds() -> None:
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
 
 
 def gate_app(admission: Admission, gate: asyncio.Event, bodies_read: list[int],
@@ -369,14 +375,54 @@ async def test_shed_lines_are_sampled_to_one_a_second_with_a_count(aiohttp_clien
     await until(lambda: adm.limiter.in_flight == 1)
     with capture_logs() as logs:
         for i in range(50):
-            clock.now += 0.1  # 50 refusals over 5 s
-            assert (await client.get(f"/v1/sessions/s{i}")).status == 503
+            clock.now += 0.1  # 50 refusals over 5 s, each of a new connection
+            assert (await client.get(f"/v1/sessions/s{i}", headers={"Connection": "close"})).status == 503
     gate.set()
     assert (await holder).status == 200
     lines = [ln for ln in logs if ln["event"] == "load.shed"]
     assert 5 <= len(lines) <= 6
     assert sum(ln["count"] for ln in lines) + adm._unlogged == 50
     assert all(ln["log_level"] == "warning" and ln["kind"] == "overloaded" for ln in lines)
+
+
+async def test_a_client_back_before_its_retry_after_waits_for_it_then_is_admitted_if_there_is_room(
+        aiohttp_client: AiohttpClient) -> None:
+    """Refused once, a connection that asks again at once (as wrk does) is not refused
+    again at once: its request waits until the Retry-After it was given runs out, and
+    is then admitted if a slot is free. Other connections are refused at once."""
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    first = await client.get("/v1/sessions/a")  # a keep-alive connection, refused at once
+    assert first.status == 503 and first.headers["Retry-After"] == "1"
+    assert clock.slept == [] and adm.held_total == 0
+    async with aiohttp.ClientSession() as another:  # another connection
+        other = await another.get(client.make_url("/v1/sessions/b"))
+        assert other.status == 503 and clock.slept == []
+    clock.now += 0.25
+    # Back on the same connection 0.25 s later; still full after the wait: refused.
+    again = await client.get("/v1/sessions/a")
+    assert again.status == 503
+    assert clock.slept == [pytest.approx(0.75)] and adm.held_total == 1
+    # Once more at once; this time the slot frees while it waits: admitted.
+    gate.set()
+    assert (await holder).status == 200
+    await until(lambda: adm.limiter.in_flight == 0)
+    adm.limiter.in_flight = 1  # taken again, as by another client
+    original_sleep = adm.sleep
+
+    async def free_the_slot(seconds: float) -> None:
+        await original_sleep(seconds)
+        adm.limiter.in_flight = 0
+
+    adm.sleep = free_the_slot
+    admitted = await client.get("/v1/sessions/a")
+    assert admitted.status == 200
+    assert clock.slept[-1] == pytest.approx(1.0) and adm.held_total == 2
+    assert adm.shed_total == 3
 
 
 async def test_a_long_poll_holds_no_slot_but_is_refused_when_deferrable_work_is(

@@ -16,8 +16,10 @@ load on a shared machine weighs on both sides of a ratio alike.
    ``Retry-After`` and the request id; nothing acknowledged is lost.
 3. Recovery: the reference load again, with no refusal at all.
 
-The canary retries a refusal after 50 ms rather than ``Retry-After``: it is there to
-measure what an admitted request waits, so it needs admitted requests.
+The canary retries a refusal after 50 ms rather than ``Retry-After``, on a new
+connection: it is there to measure what an admitted request waits, so it needs admitted
+requests (on its old connection, back before its ``Retry-After``, it would be held
+until then, as a client that retries at once is).
 
 Ratios of two phases of one run, not absolute timings, so a slow machine slows both.
 A phase's goodput counts the answers that finished inside its window, divided by the
@@ -142,6 +144,10 @@ async def _send_until(conn: Conn, path: str, sid: str, tag: str, until: float, p
         # Never past the end of the phase: a client asleep then would stretch the
         # phase's measured length without adding any request to it.
         pause = 0.05 if canary else float(retry_after) * rng.uniform(1.0, 1.5)
+        if canary:
+            # Back before its Retry-After on the same connection, the canary would be
+            # held until then (as clients that retry at once are): it asks on a new one.
+            await conn.close()
         await asyncio.sleep(max(0.0, min(pause, until - time.monotonic())))
 
 
