@@ -45,6 +45,14 @@ Netflix's Gradient2:
   then goes back to where it was. While latency is under ``tolerance`` times the
   floor the baseline decides nothing, and no probe is made.
 
+Clients that do not wait: a refusal records when its connection (by peer address) may
+come back. A request over the limit on a connection back before then (a client that
+resends at once, as wrk does) is not refused again at once: it waits, a sleeping task
+holding no slot, until then, and is admitted if there is room, else refused. Refused
+at once, such clients loop, and their refusals' cost reads as queueing to the limit,
+which shrinks, refusing more, down to ``min_limit``. A client that honours
+``Retry-After`` never waits; the first refusal is always immediate.
+
 Priorities: requests are classified once per route. ``/healthz``, ``/readyz`` and
 ``/metrics`` are never shed, counted or measured. Others are admitted while the
 requests in flight are under their class's share of the limit: mutation ingest 100 %,
