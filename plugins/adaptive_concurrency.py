@@ -51,7 +51,10 @@ resends at once, as wrk does) is not refused again at once: it waits, a sleeping
 holding no slot, until then, and is admitted if there is room, else refused. Refused
 at once, such clients loop, and their refusals' cost reads as queueing to the limit,
 which shrinks, refusing more, down to ``min_limit``. A client that honours
-``Retry-After`` never waits; the first refusal is always immediate.
+``Retry-After`` never waits; the first refusal is always immediate. Behind a proxy that
+pools its connections to the server (nginx ``upstream { keepalive }``), one connection
+carries many clients' requests, so a request may wait for another client's refusal:
+``hold_early = false`` refuses every request over the limit at once.
 
 Priorities: requests are classified once per route. ``/healthz``, ``/readyz`` and
 ``/metrics`` are never shed, counted or measured. Others are admitted while the
@@ -109,6 +112,9 @@ class Settings(PluginSection):
         30.0, ge=1.0, le=3600.0,
         description="under sustained load, how often the unloaded latency is re-measured")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with a refusal")
+    hold_early: bool = Field(
+        True, description="a request over the limit on a connection refused less than Retry-After ago "
+                          "waits until then instead of being refused again at once")
 
     @model_validator(mode="after")
     def _ordered(self) -> Settings:
@@ -328,8 +334,10 @@ class Admission:
     def __init__(self, limiter: GradientLimit, *, retry_after_s: int = 1,
                  telemetry: Telemetry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 hold_early: bool = True) -> None:
         self.limiter = limiter
+        self.hold_early = hold_early
         self.retry_after = str(retry_after_s)
         self.retry_after_s = float(retry_after_s)
         self.clock = clock
@@ -381,7 +389,7 @@ class Admission:
                 return self._shed(request, route)
             return await handler(request)
         if not limiter.try_acquire(share):
-            wait = self._early(request)
+            wait = self._early(request) if self.hold_early else 0.0
             if wait <= 0.0:
                 return self._shed(request, route)
             # Back on the same connection before the Retry-After it was given ran out
@@ -438,10 +446,11 @@ class Admission:
         if now >= self._generation_end:
             self._due_before, self._due = self._due, {}
             self._generation_end = now + self.retry_after_s
-        transport = request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        if peer:
-            self._due[peer] = now + self.retry_after_s
+        if self.hold_early:
+            transport = request.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            if peer:
+                self._due[peer] = now + self.retry_after_s
         if now - self._last_shed_line >= 1.0:
             self._log_shed(now)
         return problem_response(
@@ -478,7 +487,8 @@ def admission(settings: Settings, telemetry: Telemetry | None = None,
                             initial_limit=settings.initial_limit, tolerance=settings.tolerance,
                             floor_s=settings.latency_floor_ms / 1000,
                             window_s=settings.window_ms / 1000, probe_interval_s=settings.probe_interval_s)
-    return Admission(limiter, retry_after_s=settings.retry_after_s, telemetry=telemetry, clock=clock)
+    return Admission(limiter, retry_after_s=settings.retry_after_s, telemetry=telemetry, clock=clock,
+                     hold_early=settings.hold_early)
 
 
 @hookimpl

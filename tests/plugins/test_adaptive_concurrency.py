@@ -425,6 +425,26 @@ async def test_a_client_back_before_its_retry_after_waits_for_it_then_is_admitte
     assert adm.shed_total == 3
 
 
+async def test_with_hold_early_off_a_client_back_early_is_refused_at_once(
+        aiohttp_client: AiohttpClient) -> None:
+    """Behind a proxy that pools its connections, one connection carries many clients:
+    ``hold_early = false`` refuses every request over the limit at once."""
+    assert Settings().hold_early is True
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep,
+                    hold_early=False)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    for _ in range(3):
+        clock.now += 0.1
+        assert (await client.get("/v1/sessions/a")).status == 503
+    assert clock.slept == [] and adm.held_total == 0 and adm.shed_total == 3
+    gate.set()
+    assert (await holder).status == 200
+
+
 async def test_a_long_poll_holds_no_slot_but_is_refused_when_deferrable_work_is(
         aiohttp_client: AiohttpClient) -> None:
     clock = FakeClock()
