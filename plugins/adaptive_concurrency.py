@@ -48,7 +48,8 @@ Netflix's Gradient2:
 Clients that do not wait: a refusal records when its connection (by peer address) may
 come back. A request over the limit on a connection back before then (a client that
 resends at once, as wrk does) is not refused again at once: it waits, a sleeping task
-holding no slot, until then, and is admitted if there is room, else refused. Refused
+holding no slot, until then (at most a second), and is admitted if there is room, else
+refused. Refused
 at once, such clients loop, and their refusals' cost reads as queueing to the limit,
 which shrinks, refusing more, down to ``min_limit``. A client that honours
 ``Retry-After`` never waits; the first refusal is always immediate. Behind a proxy that
@@ -95,6 +96,10 @@ EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 #: Share of the limit each priority class may fill; the highest share is shed last.
 SHARES: dict[str, float] = {"ingest": 1.0, "standard": 0.9, "deferrable": 0.75}
+#: The longest a request back before its Retry-After is held (with a long
+#: ``retry_after_s``, a client would time out first; a second still caps the loop of a
+#: client that resends at once to one refusal a second).
+HOLD_MAX_S = 1.0
 _DEFERRABLE_SUFFIXES = ("/resolve", "/finalize")
 
 
@@ -401,7 +406,7 @@ class Admission:
             # refusing more (measured: 14,065 refusals in 4 s, the limit at min_limit,
             # half the goodput of admitting everyone).
             self.held_total += 1
-            await self.sleep(wait)
+            await self.sleep(min(wait, HOLD_MAX_S))
             if not limiter.try_acquire(share):
                 return self._shed(request, route)
         clock = self.clock

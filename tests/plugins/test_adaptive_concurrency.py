@@ -445,6 +445,21 @@ async def test_with_hold_early_off_a_client_back_early_is_refused_at_once(
     assert (await holder).status == 200
 
 
+async def test_a_hold_lasts_at_most_a_second_whatever_the_retry_after(aiohttp_client: AiohttpClient) -> None:
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep,
+                    retry_after_s=60)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    assert (await client.get("/v1/sessions/a")).headers["Retry-After"] == "60"
+    assert (await client.get("/v1/sessions/a")).status == 503
+    assert clock.slept == [1.0]
+    gate.set()
+    assert (await holder).status == 200
+
+
 async def test_a_long_poll_holds_no_slot_but_is_refused_when_deferrable_work_is(
         aiohttp_client: AiohttpClient) -> None:
     clock = FakeClock()
