@@ -8,7 +8,8 @@ jitter, as well-behaved clients do. Capacity is ``--capacity`` connections (4: a
 where one server process on two cores stops gaining throughput); the offered load is
 that many connections times 0.5, 1, 2, 4 and 8 (and 64, the reliability test's flood).
 At each load level both servers run in turn (order alternating); goodput is 2xx
-mutations per second, latencies are of admitted (2xx) requests as the client saw them.
+mutations per second over the level's window (answers that finished inside it),
+latencies are of admitted (2xx) requests as the client saw them.
 
     python bench/bench_overload.py [--seconds 3] [--capacity 4] [--rounds 1]
 """
@@ -53,12 +54,17 @@ async def _client(port: int, sid: str, until: float, out: dict[str, Any], rng: r
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             out["errors"] += 1
             continue
+        finished = time.monotonic()
+        if finished > until:
+            break  # outside the measured window
         if status == 200:
             out["ok"] += 1
-            out["latencies"].append(time.monotonic() - started)
+            out["latencies"].append(finished - started)
         elif status == 503:
             out["shed"] += 1
-            await asyncio.sleep(float(hdrs.get("retry-after", "1")) * rng.uniform(1.0, 1.5))
+            # Never past the end: a client asleep then would stretch the level's length.
+            pause = float(hdrs.get("retry-after", "1")) * rng.uniform(1.0, 1.5)
+            await asyncio.sleep(max(0.0, min(pause, until - time.monotonic())))
         else:
             out["other"] += 1
     await conn.close()
@@ -70,7 +76,9 @@ async def _load(port: int, connections: int, seconds: float) -> dict[str, Any]:
     until = started + seconds
     await asyncio.gather(*(_client(port, SESSIONS[i % len(SESSIONS)], until, out, random.Random(i))
                            for i in range(connections)))
-    elapsed = time.monotonic() - started
+    # The window's length, not the time until the last client returned (which counted
+    # refused clients' Retry-After sleeps past the end, up to 1.5 s on a 3 s level).
+    elapsed = seconds
     lat = sorted(out.pop("latencies"))
 
     def pct(q: float) -> float:

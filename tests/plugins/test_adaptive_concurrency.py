@@ -12,6 +12,7 @@ import heapq
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
@@ -191,6 +192,63 @@ def test_a_probe_relearns_the_unloaded_latency_under_sustained_load() -> None:
     assert lim.limit >= KNEE
 
 
+def window(lim: GradientLimit, latency: float, *, in_flight: int | None = None) -> None:
+    """Complete the limiter's current window: ``in_flight`` requests (default: the
+    limit's worth, so the load tests the limit), all taking ``latency``."""
+    end = lim._window_end
+    assert end is not None
+    n = lim.limit if in_flight is None else in_flight
+    for _ in range(n):
+        assert lim.try_acquire()
+    for i in range(n):
+        lim.release(end - lim.window_s / 2 + i * 1e-6, latency)
+    assert lim.try_acquire()
+    assert lim.release(end, latency)  # the window's end: the limit is recomputed
+
+
+def test_growth_is_at_most_sqrt_limit_a_window() -> None:
+    """Room to grow (latency far under the tolerance) moves the limit up by sqrt(limit)
+    a window, not in proportion to the headroom: one quiet window cannot double it."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=100, window_s=0.1)
+    seen = [lim.limit]
+    for _ in range(3):
+        window(lim, BASE)
+        seen.append(lim.limit)
+    assert seen == [100, 110, 120, 131]  # +10, +sqrt(110), +sqrt(120.5)
+
+
+def test_growth_stops_where_the_latency_would_reach_the_tolerance() -> None:
+    """Headroom smaller than sqrt(limit): the step is what the latency allows (past
+    saturation latency grows with the requests in flight), so the limit does not
+    overshoot into a queue it must then shed its way out of."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=100, window_s=0.1, tolerance=1.5)
+    window(lim, 1.4 * BASE)  # 1.5 / 1.4: room for about 7 % more
+    assert lim.limit == 107
+
+
+def test_a_flood_halves_the_limit_each_window_until_the_queue_is_gone() -> None:
+    """Latency over twice the tolerated (a flood arriving with the limit where a lighter
+    load left it) halves the limit every window instead of trimming it by a smoothed
+    step, so the queue it lets in lasts a few windows, not a few seconds."""
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=64, window_s=0.1)
+    seen = []
+    for _ in range(3):
+        window(lim, 8 * BASE)
+        seen.append(lim.limit)
+    assert seen == [32, 16, 8]
+    # Between 1 and 2 times the tolerance: a smoothed step (noise is not a flood).
+    lim = warmed(min_limit=8, max_limit=1000, initial_limit=64, window_s=0.1)
+    window(lim, 2.0 * BASE)  # gradient 0.75
+    assert lim.limit == int(64 + 0.3 * (64 * 0.75 - 64))
+
+
+def test_under_a_steady_flood_the_limit_holds_still() -> None:
+    lim = GradientLimit(min_limit=8, max_limit=1000, initial_limit=64)
+    run = simulate(lim, clients=500, seconds=10.0)
+    late = [limit for t, limit in run.limits if t > 3.0]
+    assert min(late) >= KNEE and max(late) <= 2 * KNEE, (min(late), max(late))
+
+
 def test_shares_shed_deferrable_work_first_and_ingest_last() -> None:
     lim = warmed(min_limit=1, max_limit=10, initial_limit=10)
     for _ in range(8):
@@ -227,9 +285,14 @@ def test_settings_refuse_an_initial_limit_outside_the_bounds() -> None:
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
 
 
 def gate_app(admission: Admission, gate: asyncio.Event, bodies_read: list[int],
@@ -312,14 +375,89 @@ async def test_shed_lines_are_sampled_to_one_a_second_with_a_count(aiohttp_clien
     await until(lambda: adm.limiter.in_flight == 1)
     with capture_logs() as logs:
         for i in range(50):
-            clock.now += 0.1  # 50 refusals over 5 s
-            assert (await client.get(f"/v1/sessions/s{i}")).status == 503
+            clock.now += 0.1  # 50 refusals over 5 s, each of a new connection
+            assert (await client.get(f"/v1/sessions/s{i}", headers={"Connection": "close"})).status == 503
     gate.set()
     assert (await holder).status == 200
     lines = [ln for ln in logs if ln["event"] == "load.shed"]
     assert 5 <= len(lines) <= 6
     assert sum(ln["count"] for ln in lines) + adm._unlogged == 50
     assert all(ln["log_level"] == "warning" and ln["kind"] == "overloaded" for ln in lines)
+
+
+async def test_a_client_back_before_its_retry_after_waits_for_it_then_is_admitted_if_there_is_room(
+        aiohttp_client: AiohttpClient) -> None:
+    """Refused once, a connection that asks again at once (as wrk does) is not refused
+    again at once: its request waits until the Retry-After it was given runs out, and
+    is then admitted if a slot is free. Other connections are refused at once."""
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    first = await client.get("/v1/sessions/a")  # a keep-alive connection, refused at once
+    assert first.status == 503 and first.headers["Retry-After"] == "1"
+    assert clock.slept == [] and adm.held_total == 0
+    async with aiohttp.ClientSession() as another:  # another connection
+        other = await another.get(client.make_url("/v1/sessions/b"))
+        assert other.status == 503 and clock.slept == []
+    clock.now += 0.25
+    # Back on the same connection 0.25 s later; still full after the wait: refused.
+    again = await client.get("/v1/sessions/a")
+    assert again.status == 503
+    assert clock.slept == [pytest.approx(0.75)] and adm.held_total == 1
+    # Once more at once; this time the slot frees while it waits: admitted.
+    gate.set()
+    assert (await holder).status == 200
+    await until(lambda: adm.limiter.in_flight == 0)
+    adm.limiter.in_flight = 1  # taken again, as by another client
+    original_sleep = adm.sleep
+
+    async def free_the_slot(seconds: float) -> None:
+        await original_sleep(seconds)
+        adm.limiter.in_flight = 0
+
+    adm.sleep = free_the_slot
+    admitted = await client.get("/v1/sessions/a")
+    assert admitted.status == 200
+    assert clock.slept[-1] == pytest.approx(1.0) and adm.held_total == 2
+    assert adm.shed_total == 3
+
+
+async def test_with_hold_early_off_a_client_back_early_is_refused_at_once(
+        aiohttp_client: AiohttpClient) -> None:
+    """Behind a proxy that pools its connections, one connection carries many clients:
+    ``hold_early = false`` refuses every request over the limit at once."""
+    assert Settings().hold_early is True
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep,
+                    hold_early=False)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    for _ in range(3):
+        clock.now += 0.1
+        assert (await client.get("/v1/sessions/a")).status == 503
+    assert clock.slept == [] and adm.held_total == 0 and adm.shed_total == 3
+    gate.set()
+    assert (await holder).status == 200
+
+
+async def test_a_hold_lasts_at_most_a_second_whatever_the_retry_after(aiohttp_client: AiohttpClient) -> None:
+    clock = FakeClock()
+    adm = Admission(GradientLimit(min_limit=1, max_limit=1, initial_limit=1), clock=clock, sleep=clock.sleep,
+                    retry_after_s=60)
+    gate = asyncio.Event()
+    client = await aiohttp_client(gate_app(adm, gate, []))
+    holder = asyncio.create_task(client.get("/v1/sessions/hold", headers={"Connection": "close"}))
+    await until(lambda: adm.limiter.in_flight == 1)
+    assert (await client.get("/v1/sessions/a")).headers["Retry-After"] == "60"
+    assert (await client.get("/v1/sessions/a")).status == 503
+    assert clock.slept == [1.0]
+    gate.set()
+    assert (await holder).status == 200
 
 
 async def test_a_long_poll_holds_no_slot_but_is_refused_when_deferrable_work_is(

@@ -11,15 +11,19 @@ load on a shared machine weighs on both sides of a ratio alike.
    own latency.
 2. Flood: ``FLOOD_CONNECTIONS`` connections, plus the canary. The server must keep
    doing its capacity's worth of work (goodput, 2xx mutations per second, at least
-   ``GOODPUT_FLOOR`` of the reference; see there) with the canary's admitted p99 at most
+   ``GOODPUT_FLOOR`` of the reference) with the canary's admitted p99 at most
    ``P99_CEILING`` times the reference p99; every refusal is a 503 problem with
    ``Retry-After`` and the request id; nothing acknowledged is lost.
 3. Recovery: the reference load again, with no refusal at all.
 
-The canary retries a refusal after 50 ms rather than ``Retry-After``: it is there to
-measure what an admitted request waits, so it needs admitted requests.
+The canary retries a refusal after 50 ms rather than ``Retry-After``, on a new
+connection: it is there to measure what an admitted request waits, so it needs admitted
+requests (on its old connection, back before its ``Retry-After``, it would be held
+until then, as a client that retries at once is).
 
 Ratios of two phases of one run, not absolute timings, so a slow machine slows both.
+A phase's goodput counts the answers that finished inside its window, divided by the
+window's length (a refused client never sleeps past the end of it).
 """
 
 from __future__ import annotations
@@ -51,17 +55,14 @@ FLOOD_S = float(scale(4, 20))
 RECOVERY_S = 3.0
 BATCH = 100
 SESSIONS = [f"flood-{i}" for i in range(32)]
-#: The target is 0.8, which this does not reliably reach (bench/README.md has the
-#: figures): the store's group commit gains throughput from concurrency, so holding the
-#: requests in flight down for latency costs some goodput; and shared 2-core test
-#: machines put single rounds anywhere from 0.4 to 1.3 with the same code. The test
-#: holds the median of three rounds to a floor that guards against collapse (a limit
-#: stuck at its floor, or shedding that eats the server), not to the target.
-GOODPUT_FLOOR = 0.4
-#: The target is 4; medians of 1.3 to 4.1 were measured (bench/README.md). Without the
-#: plugin the same flood measures 12 to 20, so a ceiling of 6 still fails a limit that
-#: does not hold, without failing on a noisy reference round.
-P99_CEILING = 6.0
+#: The issue's targets, held to the median over the rounds of per-round ratios (single
+#: rounds on a shared 2-core machine swing widely either way: bench/README.md, 6.).
+GOODPUT_FLOOR = 0.8
+#: Without the plugin the same flood measures 10x to 20x (every request queues).
+P99_CEILING = 4.0
+#: Recovery is one round, not a median, so its goodput is held only against collapse
+#: (a limit stuck low); the issue's criterion for it is that nothing is shed.
+RECOVERY_FLOOR = 0.5
 
 _ids = itertools.count()
 
@@ -116,14 +117,18 @@ async def _send_until(conn: Conn, path: str, sid: str, tag: str, until: float, p
         retry_after = hdrs.get("retry-after")
         echoed = hdrs.get("x-request-id")
         ctype = hdrs.get("content-type", "")
-        elapsed = time.monotonic() - started
+        finished = time.monotonic()
+        elapsed = finished - started
         if status == 200:
-            phase.ok += 1
-            phase.latencies.append(elapsed)
-            if canary:
-                phase.canary.append(elapsed)
+            # Acknowledged is acknowledged (checked against the store), but goodput and
+            # latency count only what finished inside the phase's window.
             accepted = orjson.loads(payload)["accepted"]
             phase.acked.setdefault(sid, set()).update(a["id"] for a in accepted)
+            if finished <= until:
+                phase.ok += 1
+                phase.latencies.append(elapsed)
+                if canary:
+                    phase.canary.append(elapsed)
             continue
         if status != 503:
             phase.other[f"status {status}"] += 1
@@ -136,7 +141,14 @@ async def _send_until(conn: Conn, path: str, sid: str, tag: str, until: float, p
         # As told, with jitter as well-behaved clients add (so refused clients do not all
         # come back in the same millisecond); the canary measures what an admitted
         # request costs, so it asks again soon (one client is no load worth speaking of).
-        await asyncio.sleep(0.05 if canary else float(retry_after) * rng.uniform(1.0, 1.5))
+        # Never past the end of the phase: a client asleep then would stretch the
+        # phase's measured length without adding any request to it.
+        pause = 0.05 if canary else float(retry_after) * rng.uniform(1.0, 1.5)
+        if canary:
+            # Back before its Retry-After on the same connection, the canary would be
+            # held until then (as clients that retry at once are): it asks on a new one.
+            await conn.close()
+        await asyncio.sleep(max(0.0, min(pause, until - time.monotonic())))
 
 
 async def _load(base: str, connections: int, start_at: float, until: float, name: str,
@@ -164,7 +176,10 @@ def _run(pool: ProcessPoolExecutor, base: str, connections: int, seconds: float,
     future = pool.submit(_load_process, base, connections, start_at, until, name)
     canary = asyncio.run(_load(base, 1, start_at, until, name, canary=True))
     phase = future.result(timeout=seconds + 60)
-    phase.seconds = time.monotonic() - start_at
+    # The window the requests were counted in; not the time until the last client
+    # returned, which included refused clients' Retry-After sleeps past the end (up to
+    # 1.5 s on a 4 s flood: the goodput ratio was understated by up to a quarter).
+    phase.seconds = seconds
     phase.ok += canary.ok
     phase.shed += canary.shed
     phase.latencies += canary.latencies
@@ -222,13 +237,13 @@ def test_past_capacity_goodput_and_latency_hold_and_the_rest_is_told_to_come_bac
         for sid, ids in phase.acked.items():
             assert ids <= stored[sid], f"{len(ids - stored[sid])} acknowledged mutations lost in {sid}"
     assert ref.shed == 0, "the reference load is within capacity"
-    assert flood.shed > 0, "the flood did not exceed the limit"
-    assert statistics.median(goodput) >= GOODPUT_FLOOR, goodput
     assert all(len(f.canary) >= 5 for f in floods), [len(f.canary) for f in floods]
     assert statistics.median(p99) <= P99_CEILING, p99
-    # Recovery: the reference load again, none of it shed, at the reference's pace.
+    assert statistics.median(goodput) >= GOODPUT_FLOOR, goodput
+    assert flood.shed > 0, "the flood did not exceed the limit"
+    # Recovery: the reference load again, none of it shed.
     assert after.shed == 0
-    assert after.goodput >= GOODPUT_FLOOR * refs[-1].goodput, (after.goodput, refs[-1].goodput)
+    assert after.goodput >= RECOVERY_FLOOR * refs[-1].goodput, (after.goodput, refs[-1].goodput)
     # Sampled: at most one load.shed line a second, and together they count the refusals
     # (those after the last line are counted by the next one, if any).
     assert 0 < len(shed_lines) <= ROUNDS * (FLOOD_S + REF_S + 3) + RECOVERY_S
