@@ -159,7 +159,9 @@ class _Bindable(_Instrument):
     __slots__ = ()
 
     def bound(self, *labels: str) -> Callable[[float], None] | None:
-        """A recorder for these labels on the exporter attached now, or None without one.
+        """A recorder for these labels on the exporter attached now, or None without one
+        (from its ``bind`` where it is a :class:`BindingExporter`, else through ``inc``
+        or ``observe``).
 
         Cheaper per call than the instrument with its labels; a caller that keeps it
         must drop it when :attr:`Telemetry.exporter` changes.
