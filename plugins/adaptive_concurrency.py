@@ -75,6 +75,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+from statistics import median
 
 from aiohttp import web
 from pydantic import Field, model_validator
@@ -245,7 +246,7 @@ class GradientLimit:
         samples, drops, peak = self._samples, self._drops, self._peak
         self._samples, self._drops, self._peak, self._seen = [], 0, self.in_flight, 0
         self._window_end = now + self.window_s
-        short = _median(samples) if samples else None
+        short = median(samples) if samples else None
         self.short = short
         if self._probe:
             self._step_probe(now, samples)
@@ -303,7 +304,7 @@ class GradientLimit:
         self._long_samples.extend(samples)
         if len(self._long_samples) < self.probe_samples:
             return
-        self.baseline = _median(self._long_samples)
+        self.baseline = median(self._long_samples)
         self._long_samples = []
         self._probe = ""
         self._next_probe = now + self.probe_interval_s
@@ -316,13 +317,6 @@ class GradientLimit:
     @property
     def probing(self) -> bool:
         return bool(self._probe)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    mid = n // 2
-    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _share_of(method: str, route: str) -> float:
