@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from functools import partial
@@ -148,7 +149,7 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect(readonly=False)
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(internal=f"{self.path}: could not switch to WAL (got {mode!r}).")
             sync = "FULL" if self.durability == "full" else "NORMAL"
@@ -156,10 +157,32 @@ class SQLiteStore:
             conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute("PRAGMA cache_size = -32768")
             migrate(conn, self.path)
+        except sqlite3.Error as exc:  # locked past the timeout, not a database, ...
+            conn.close()
+            raise StoreError(internal=f"{self.path}: cannot be opened ({exc})") from None
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _switch_to_wal(self, conn: Conn) -> str:
+        """``PRAGMA journal_mode = WAL``, waiting out another connection's transaction.
+
+        Switching the journal mode needs the file to itself, and SQLite answers a
+        connection that would have to wait for it with SQLITE_BUSY at once, without the
+        busy timeout: two processes opening a new file together (``--workers N``) meet
+        here while one of them creates the schema. Retried until the busy timeout.
+        """
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        pause = 0.005
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     # ------------------------------------------------------------------ reads
 

@@ -64,6 +64,30 @@ def test_open_creates_directories_wal_and_schema_version(tmp_path: Path) -> None
     assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [2]
 
 
+def test_open_waits_for_another_connection_creating_the_file(tmp_path: Path) -> None:
+    """Two servers opening one new file (``--workers 2``): while one holds a write
+    transaction, SQLite refuses the other's switch to WAL with SQLITE_BUSY at once,
+    busy timeout or not; open() waits it out instead of failing."""
+    path = tmp_path / "ballast.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE being_made (x)")
+
+    async def main() -> None:
+        async def release_soon() -> None:
+            await asyncio.sleep(0.3)
+            other.execute("ROLLBACK")
+
+        releaser = asyncio.create_task(release_soon())
+        async with opened(path) as store:
+            assert releaser.done(), "open() returned before the other transaction ended"
+            await store.create_session(T, "s1", "Standup", ["Ann"])
+
+    run(main())
+    other.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_concurrent_appenders_get_gapless_seqs_in_arrival_order(tmp_path: Path) -> None:
     sessions = [f"s{i}" for i in range(5)]
     arrival: dict[str, list[str]] = {sid: [] for sid in sessions}
