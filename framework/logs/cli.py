@@ -60,8 +60,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     )
     summarize.add_argument(
         "--engine", choices=ENGINES, default="auto",
-        help="auto (default): DuckDB for a plain file of 1 MiB or more when installed, else stream; "
-        "duckdb; stream (the built-in reader). The output is the same",
+        help="auto (default): for a plain file the native scanner when built, else DuckDB (1 MiB or "
+        "more, when installed), else stream; native; duckdb; stream (the built-in reader). "
+        "The output is the same",
     )
     summarize.add_argument(
         "--workers", type=int, default=None, metavar="N",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -192,12 +192,14 @@ def _mask(key: tuple[str, ...]) -> int:
 
 
 _LINES = _mask(_LINES_KEY)
+_WIN = _LINES_KEY.index("win")
+_TPR = _LINES_KEY.index("tpr")
 _BUCKETS = _mask(_BUCKETS_KEY)
 _SECONDS = _mask(_SECONDS_KEY)
 
 
-class _Declined(Exception):
-    """The DuckDB engine cannot promise the streaming engine's answer for this input."""
+class Declined(Exception):
+    """The engine cannot promise the streaming engine's answer for this input."""
 
 
 def _rows(cursor: Any) -> Iterator[tuple[Any, ...]]:
@@ -220,17 +222,49 @@ class _Seconds:
             try:
                 when = datetime.fromisoformat(prefix + "Z")
             except ValueError:
-                raise _Declined from None  # Python reads this line as having no time
+                raise Declined from None  # Python reads this line as having no time
             if when.strftime("%Y-%m-%dT%H:%M:%S") != prefix:
-                raise _Declined  # read, but as another time (24:00:00)
+                raise Declined  # read, but as another time (24:00:00)
             if len(self._cache) >= 4096:
                 self._cache.clear()
             second = self._cache[prefix] = epoch_second(when)
         return second
 
 
-def _fill(summary: LogSummary, cursor: Any) -> None:
-    seconds = _Seconds()
+def _split(cursor: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The query's rows as :func:`fill` takes them: each grouping set's key and aggregates."""
+    at = {name: i for i, name in enumerate(_COLUMNS, start=1)}
+    lines_at = [at[name] for name in _LINES_KEY]
+    buckets_at = [at[name] for name in _BUCKETS_KEY]
+    seconds_at = [at[name] for name in _SECONDS_KEY]
+    lines: list[tuple[Any, ...]] = []
+    buckets: list[tuple[Any, ...]] = []
+    seconds: list[tuple[Any, ...]] = []
+    for row in _rows(cursor):
+        g, n = row[0], row[-4]
+        if g == _LINES:
+            lines.append((*(row[i] for i in lines_at), n, row[-3], row[-2]))
+        elif g == _BUCKETS:
+            buckets.append((*(row[i] for i in buckets_at), n, row[-1]))
+        elif g == _SECONDS:
+            seconds.append((*(row[i] for i in seconds_at), n))
+    return lines, buckets, seconds
+
+
+def fill(
+    summary: LogSummary,
+    lines: Iterable[tuple[Any, ...]],
+    buckets: Iterable[tuple[Any, ...]],
+    seconds: Iterable[tuple[Any, ...]],
+) -> None:
+    """Feed grouped lines to ``summary``'s counters, as the streaming engine counts them.
+
+    ``lines``: ``_LINES_KEY`` + (count, first and last ``timestamp`` texts);
+    ``buckets``: ``_BUCKETS_KEY`` + (count, largest duration); ``seconds``:
+    ``_SECONDS_KEY`` + (count,). Field values are JSON texts (``None`` when absent).
+    Raises :class:`Declined` where the streaming engine's answer could differ.
+    """
+    second_of = _Seconds()
     values: dict[str | None, object] = {}
 
     def read_field(raw: str | None) -> object:
@@ -242,55 +276,51 @@ def _fill(summary: LogSummary, cursor: Any) -> None:
             value = values[raw] = read_value(raw)
             return value
 
-    at = {name: i for i, name in enumerate(_COLUMNS, start=1)}
-    sketches: list[tuple[object, str | None, str | None, int, int, float]] = []
-    for row in _rows(cursor):
-        g, n, lo, hi, dmax = row[0], row[-4], row[-3], row[-2], row[-1]
-        if g == _LINES:
-            summary.read += n
-            if row[at["bad"]]:
-                summary.not_json += n
-                continue
-            event = read_field(row[at["ej"]])
-            if type(event) is not str:
-                summary.no_event += n
-                continue
-            tshape = row[at["tshape"]]
-            if tshape == 3:
-                raise _Declined  # a timestamp only Python's parser reads exactly
-            slot = summary._slot_for((event, read_field(row[at["lj"]])))
-            if slot is None or not row[at["win"]]:
-                summary.filtered_out += n
-                continue
-            slot.count += n
-            if tshape in (1, 2):
-                for text in (lo, hi):
-                    try:
-                        when = datetime.fromisoformat(text[1:-1])
-                    except ValueError:
-                        raise _Declined from None
-                    summary.first = min(summary.first, when)
-                    summary.last = max(summary.last, when)
-            if event == "http.request":
-                key = (read_field(row[at["rj"]]), read_field(row[at["mj"]]), read_field(row[at["stj"]]))
-                summary._request_slot_for(key).count += n
-            elif event in RARE:
-                obj = {name: read_field(row[at[_RARE_COLUMNS[name]]]) for name in RARE[event]}
-                tpr = row[at["tpr"]]
-                summary._handlers[event](obj, None if tpr is None else seconds(tpr), n)
-        elif g == _BUCKETS:
-            b = row[at["b"]]
-            if b is not None and row[at["win"]]:
-                sketches.append((read_field(row[at["ej"]]), row[at["rj"]], row[at["sj"]], b, n, dmax))
-        elif g == _SECONDS:
-            tp = row[at["tp"]]
-            if tp is not None:
-                second = seconds(tp)
-                if row[at["isreq"]] and row[at["win"]]:
-                    summary.timeline.add(second, REQUESTS, n)
-                    if _status_class(read_field(row[at["stj"]])) == "5xx":
-                        summary.timeline.add(second, ERRORS_5XX, n)
-    for event, rj, sj, b, n, dmax in sketches:
+    rare_at = {name: _LINES_KEY.index(column) for name, column in _RARE_COLUMNS.items()}
+    for row in lines:
+        bad, ej, lj, tshape, rj, mj, stj = row[:7]
+        n, lo, hi = row[-3:]
+        summary.read += n
+        if bad:
+            summary.not_json += n
+            continue
+        event = read_field(ej)
+        if type(event) is not str:
+            summary.no_event += n
+            continue
+        if tshape == 3:
+            raise Declined  # a timestamp only Python's parser reads exactly
+        slot = summary._slot_for((event, read_field(lj)))
+        if slot is None or not row[_WIN]:
+            summary.filtered_out += n
+            continue
+        slot.count += n
+        if tshape in (1, 2):
+            for text in (lo, hi):
+                try:
+                    when = datetime.fromisoformat(text[1:-1])
+                except ValueError:
+                    raise Declined from None
+                summary.first = min(summary.first, when)
+                summary.last = max(summary.last, when)
+        if event == "http.request":
+            key = (read_field(rj), read_field(mj), read_field(stj))
+            summary._request_slot_for(key).count += n
+        elif event in RARE:
+            obj = {name: read_field(row[rare_at[name]]) for name in RARE[event]}
+            tpr = row[_TPR]
+            summary._handlers[event](obj, None if tpr is None else second_of(tpr), n)
+    for tp, isreq, stj, win, n in seconds:
+        if tp is not None:
+            second = second_of(tp)
+            if isreq and win:
+                summary.timeline.add(second, REQUESTS, n)
+                if _status_class(read_field(stj)) == "5xx":
+                    summary.timeline.add(second, ERRORS_5XX, n)
+    for ej, rj, sj, b, win, n, dmax in buckets:
+        if b is None or not win:
+            continue
+        event = read_field(ej)
         if event == "http.request":
             _bucket(summary.routes.get(_key(read_field(rj))), b, n, dmax)
         elif event == "finalize.stage":
@@ -300,7 +330,7 @@ def _fill(summary: LogSummary, cursor: Any) -> None:
 
 def _bucket(sketch: LatencySketch | None, b: int, n: int, dmax: float) -> None:
     if sketch is None:
-        raise _Declined  # a key folded into "(other)": over a cap, declined below anyway
+        raise Declined  # a key folded into "(other)": over a cap, declined below anyway
     if b == _ZERO:
         sketch.zeros += n
     else:
@@ -336,8 +366,8 @@ def summarize_duckdb(
             con.execute(f"SET threads = {_threads()}")
             con.execute("SET enable_progress_bar = false")
             con.execute("SET preserve_insertion_order = false")
-            _fill(summary, con.execute(build_sql(path, since, until)))
-        except (_Declined, duckdb.Error):
+            fill(summary, *_split(con.execute(build_sql(path, since, until))))
+        except (Declined, duckdb.Error):
             return None
         finally:
             con.close()

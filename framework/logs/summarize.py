@@ -3,13 +3,18 @@
 Callers (the CLI, the benchmarks, tests) ask for a summary of a path; which engine reads
 it is decided here, and the document is the same whichever did:
 
+* ``native`` (:mod:`ballast.logs.native`): a plain regular file, when the C scanner was
+  built at install (it needs a C compiler; the build goes on without it);
 * ``duckdb`` (:mod:`ballast.logs.duck`): a plain regular file, when DuckDB is installed
   (``pip install 'ballast[logs]'``) and, under ``auto``, the file holds at least
-  ``MIN_DUCKDB_BYTES``; the engine may decline an input it cannot read exactly as the
-  streaming engine does, which then reads it;
+  ``MIN_DUCKDB_BYTES``;
 * ``stream``: the streaming engine, split across processes for a large plain file
   (:mod:`ballast.logs.parallel`), else one pass (:class:`~ballast.logs.aggregate.LogSummary`
-  over a stream): standard input, gzip files, small files, and whatever DuckDB declined.
+  over a stream): standard input, gzip files, small files, and whatever the others declined.
+
+``auto`` tries them in that order. Any engine may decline an input it cannot read
+exactly as the streaming engine does (a line over 8 MiB, a table over its cap, ...); the
+next one then reads it.
 """
 
 from __future__ import annotations
@@ -18,41 +23,52 @@ import os
 from datetime import datetime
 from typing import BinaryIO
 
-from ballast.logs import duck
+from ballast.logs import duck, native
 from ballast.logs.aggregate import LogSummary
 from ballast.logs.parallel import summarize_parallel
 from ballast.logs.reading import GZIP_MAGIC, open_log
 from ballast.logs.report import SummaryReport
 
-ENGINES = ("auto", "duckdb", "stream")
+ENGINES = ("auto", "native", "duckdb", "stream")
 MIN_DUCKDB_BYTES = 1 << 20
 
 
 class EngineMissing(Exception):
-    """``engine="duckdb"`` was asked for and DuckDB is not installed."""
+    """An engine was asked for by name and is not installed."""
+
+
+def _plain_file(path: str) -> bool:
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(2) != GZIP_MAGIC
+    except OSError:
+        return False  # the streaming engine reports the error in its own words
 
 
 def choose_engine(path: str | None, engine: str = "auto") -> str:
-    """``"duckdb"`` or ``"stream"``: the engine that will be tried first for ``path``."""
+    """``"native"``, ``"duckdb"`` or ``"stream"``: the engine tried first for ``path``."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
-    if engine == "stream" or path is None or path == "-":
+    if engine == "native" and not native.available():
+        raise EngineMissing("the native engine was not built: reinstall ballast where a C compiler is found")
+    if engine == "duckdb" and not duck.available():
+        raise EngineMissing("the duckdb engine needs DuckDB: pip install 'ballast[logs]'")
+    if engine == "stream" or path is None or path == "-" or not _plain_file(path):
         return "stream"
-    if not duck.available():
-        if engine == "duckdb":
-            raise EngineMissing("the duckdb engine needs DuckDB: pip install 'ballast[logs]'")
-        return "stream"
-    try:
-        if not os.path.isfile(path):
+    if engine == "auto":
+        if native.available():
+            return "native"
+        if not duck.available():
             return "stream"
-        if engine == "auto" and os.path.getsize(path) < MIN_DUCKDB_BYTES:
-            return "stream"
-        with open(path, "rb") as fh:
-            if fh.read(2) == GZIP_MAGIC:
+        try:
+            if os.path.getsize(path) < MIN_DUCKDB_BYTES:
                 return "stream"
-    except OSError:
-        return "stream"  # the streaming engine reports the error in its own words
-    return "duckdb"
+        except OSError:
+            return "stream"
+        return "duckdb"
+    return engine
 
 
 def summarize_file(
@@ -67,13 +83,21 @@ def summarize_file(
 ) -> SummaryReport:
     """Summarise the log at ``path`` (``None``/``"-"``: stdin). Raises :class:`LogInputError`.
 
-    ``engine`` is ``auto`` (DuckDB for a plain file of ``MIN_DUCKDB_BYTES`` or more when
-    it is installed, else the streaming engine), ``duckdb`` (for any plain file; raises
-    :class:`EngineMissing` without DuckDB) or ``stream``. The streaming engine splits a
+    ``engine`` is ``auto`` (see the module's notes), ``native`` or ``duckdb`` (that
+    engine for any plain file, the streaming engine for what it declines; raises
+    :class:`EngineMissing` when it is not installed) or ``stream``. The streaming engine splits a
     large plain file across ``workers`` processes (default: the usable cores; see
     :mod:`ballast.logs.parallel`). The result is the same whichever runs.
     """
-    if path is not None and choose_engine(path, engine) == "duckdb":
+    first = choose_engine(path, engine)
+    if path is not None and first == "native":
+        report: SummaryReport | None = native.summarize_native(
+            path, since=since, until=until, interval_s=interval_s)
+        if report is not None:
+            return report
+        if engine == "auto" and duck.available():
+            first = "duckdb"
+    if path is not None and first == "duckdb":
         report = duck.summarize_duckdb(path, since=since, until=until, interval_s=interval_s)
         if report is not None:
             return report

@@ -1,8 +1,9 @@
-"""``ballast logs summarize``: the DuckDB engine gives the streaming engine's document, byte for byte.
+"""``ballast logs summarize``: the native and DuckDB engines give the streaming engine's document exactly.
 
-Every comparison runs both engines on the same file: the streaming engine in one pass
-and split across processes, and the DuckDB engine called directly (so a test fails if it
-declined a file it should read) and through ``summarize_file(engine=...)``. The
+Every comparison runs the engines on the same file: the streaming engine in one pass
+and split across processes, and the native engine (on one thread and on three) and the
+DuckDB engine called directly (so a test fails if one declined a file it should read)
+and through ``summarize_file(engine=...)``. The
 malformed-input file holds the inputs on which the two JSON readers differ unless the
 summary's reading rules (:mod:`ballast.logs.jsonline`) are applied: repeated keys,
 ``NaN``/``Infinity``/``1e400``, trailing commas, invalid UTF-8, ``null``, arrays and
@@ -12,6 +13,7 @@ scalars, mistyped fields, escapes, whitespace of every kind.
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -23,12 +25,17 @@ import pytest
 from support import PEAK_RSS_KIB, run_logs_cli
 
 import ballast.logs.parallel as parallel
-from ballast.logs import format_summary_text, render_html, summarize_file
+from ballast.logs import format_summary_text, native, render_html, summarize_file
 from ballast.logs.jsonline import INVALID, read_lenient
-from ballast.logs.summarize import choose_engine
+from ballast.logs.summarize import EngineMissing, choose_engine
 
 duckdb = pytest.importorskip("duckdb", reason="the DuckDB engine needs DuckDB: pip install 'ballast[logs]'")
 from ballast.logs import duck  # noqa: E402
+
+if not native.available():
+    # Built wherever a C compiler is found; only a machine without one may skip these.
+    assert not (shutil.which("cc") or shutil.which("gcc")), "a C compiler is here: the scanner was not built"
+    pytest.skip("the native scanner was not built (no C compiler at install)", allow_module_level=True)
 
 T0 = datetime(2026, 11, 28, 14, 0, 0, tzinfo=UTC)
 
@@ -161,9 +168,15 @@ def assert_engines_agree(path: Path, **options: Any) -> dict[str, Any]:
     assert direct is not None, "the DuckDB engine declined the file"
     assert orjson.dumps(direct) == expected
     assert orjson.dumps(summarize_file(str(path), engine="duckdb", **options)) == expected
+    for threads in (1, 3):
+        scanned = native.summarize_native(str(path), threads=threads, **options)
+        assert scanned is not None, "the native engine declined the file"
+        assert orjson.dumps(scanned) == expected, f"native, {threads} threads"
+    assert orjson.dumps(summarize_file(str(path), engine="native", **options)) == expected
     assert orjson.dumps(summarize_file(str(path), workers=3, engine="stream", **options)) == expected
-    assert format_summary_text(direct) == format_summary_text(stream)
-    assert render_html(direct) == render_html(stream)
+    for report in (direct, scanned):
+        assert format_summary_text(report) == format_summary_text(stream)
+        assert render_html(report) == render_html(stream)
     return dict(stream)
 
 
@@ -253,36 +266,68 @@ def test_duckdb_declines_what_it_cannot_read_exactly(tmp_path: Path) -> None:
         # ... and summarize_file falls back to the streaming engine, same document.
         expected = orjson.dumps(summarize_file(str(path), engine="stream"))
         assert orjson.dumps(summarize_file(str(path), engine="duckdb")) == expected
+        # The native engine hands such lines to the streaming engine's reader; it
+        # declines only the line over 8 MiB.
+        scanned = native.summarize_native(str(path))
+        if path is long_line:
+            assert scanned is None
+        else:
+            assert scanned is not None and orjson.dumps(scanned) == expected, path.name
+        assert orjson.dumps(summarize_file(str(path), engine="native")) == expected
 
 
-def test_duckdb_declines_when_a_table_reaches_its_cap(tmp_path: Path) -> None:
+def test_duckdb_and_native_decline_when_a_table_reaches_its_cap(tmp_path: Path) -> None:
     lines = [rec("session.mutation_failed", i, "error", session_id=f"s{i}") for i in range(10_050)]
     random.Random(5).shuffle(lines)
     log = write(tmp_path / "keys.log", lines)
     assert duck.summarize_duckdb(str(log)) is None
-    report = summarize_file(str(log), engine="duckdb")
-    assert report["mutation_failures"]["(other)"] == 50
+    assert native.summarize_native(str(log)) is None
+    for engine in ("duckdb", "native", "auto"):
+        report = summarize_file(str(log), engine=engine)
+        assert report["mutation_failures"]["(other)"] == 50
 
 
-def test_engine_choice(tmp_path: Path) -> None:
+def test_native_lines_across_read_chunks_and_ranges(tmp_path: Path) -> None:
+    """Over 4 MiB (one read of the scanner) with lines cut at every boundary, a 5 MiB line
+    (read whole, handed back: too long for a group key) and a last line without newline."""
+    rnd = random.Random(11)
+    lines = messy(12_000, 4)
+    lines.insert(7000, rec("http.request", 9, route="/" + "x" * (5 << 20), status=200, duration_ms=1.0))
+    lines += [rec("http.request", rnd.uniform(0, 99), route=f"/p{i % 7}", status=200 + i % 5,
+                  duration_ms=rnd.uniform(0, 50), pad="y" * rnd.randrange(0, 900)) for i in range(8000)]
+    log = write(tmp_path / "chunks.log", lines, final_newline=False)
+    assert log.stat().st_size > 9 << 20
+    report = assert_engines_agree(log)
+    assert report["requests"]["by_route"]["/p3"]["count"] > 1000
+    for threads in (2, 5, 16):
+        assert orjson.dumps(native.summarize_native(str(log), threads=threads)) == orjson.dumps(report)
+
+
+def test_engine_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = write(tmp_path / "small.log", [rec("x")])
     big = write(tmp_path / "big.log", [rec("x", i) for i in range(20_000)])
     gz = tmp_path / "x.log.gz"
     gz.write_bytes(b"\x1f\x8b" + b"\x00" * (2 << 20))
-    assert choose_engine(str(big)) == "duckdb" and choose_engine(str(small)) == "stream"
+    assert choose_engine(str(big)) == choose_engine(str(small)) == "native"
     assert choose_engine(str(small), "duckdb") == "duckdb"
+    assert choose_engine(str(small), "native") == "native"
     assert choose_engine(str(big), "stream") == "stream"
     assert choose_engine("-", "duckdb") == choose_engine(None) == "stream"
     assert choose_engine(str(gz), "duckdb") == "stream"
     assert choose_engine(str(tmp_path / "missing.log"), "duckdb") == "stream"
     with pytest.raises(ValueError):
         choose_engine(str(big), "fast")
+    # Without the scanner: DuckDB for 1 MiB or more, else the streaming engine.
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert choose_engine(str(big)) == "duckdb" and choose_engine(str(small)) == "stream"
+    with pytest.raises(EngineMissing):
+        choose_engine(str(big), "native")
 
 
 def test_the_engine_option_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = write(tmp_path / "a.log", messy(300, 7))
     outputs = set()
-    for engine in ("auto", "duckdb", "stream"):
+    for engine in ("auto", "native", "duckdb", "stream"):
         code, out, err = run_logs_cli("summarize", "--json", "--engine", engine, str(log))
         assert code == 0 and err == "", err
         outputs.add(out)
@@ -293,6 +338,9 @@ def test_the_engine_option_on_the_command_line(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(duck, "available", lambda: False)
     code, out, err = run_logs_cli("summarize", "--engine", "duckdb", str(log))
     assert code == 1 and out == "" and "pip install 'ballast[logs]'" in err
+    monkeypatch.setattr(native, "available", lambda: False)
+    code, out, err = run_logs_cli("summarize", "--engine", "native", str(log))
+    assert code == 1 and out == "" and "C compiler" in err
     code, out, _ = run_logs_cli("summarize", "--json", str(log))  # auto: the streaming engine
     assert code == 0 and out in outputs
 
@@ -302,17 +350,21 @@ def test_the_engine_option_on_the_command_line(tmp_path: Path, monkeypatch: pyte
 
 PEAK_RSS = PEAK_RSS_KIB + """
 import sys
-from ballast.logs import duck
-assert duck.summarize_duckdb(sys.argv[1]) is not None
+from ballast.logs import duck, native
+engine = duck.summarize_duckdb if sys.argv[2] == "duckdb" else native.summarize_native
+assert engine(sys.argv[1]) is not None
 print(_peak_rss_kib())
 """
 
 
-def test_duckdb_engine_peak_memory_is_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["duckdb", "native"])
+def test_engine_peak_memory_is_bounded(tmp_path: Path, engine: str) -> None:
     """Ten times the lines, each second and duration new: the peak RSS stays under the bound.
 
-    The bound: DuckDB's ``MEMORY_LIMIT`` (256 MB) for its own state, plus the summary's
-    bounded tables; the grouped rows are read in chunks of ``FETCH_ROWS``.
+    The bound, DuckDB: its ``MEMORY_LIMIT`` (256 MB) for its own state, plus the summary's
+    bounded tables; the grouped rows are read in chunks of ``FETCH_ROWS``. Native: a
+    12 MiB read buffer per thread, at most 2^19 groups per thread (their keys in at most
+    32 MiB) and 2^20 handed-back lines, then one row object per group.
     """
 
     def log(n: int) -> Path:
@@ -329,8 +381,8 @@ def test_duckdb_engine_peak_memory_is_bounded(tmp_path: Path) -> None:
         return path
 
     def peak_kb(path: Path) -> int:
-        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True,
-                              timeout=600, check=True)
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), engine], capture_output=True,
+                              text=True, timeout=600, check=True)
         return int(proc.stdout.strip())
 
     small, big = peak_kb(log(30_000)), peak_kb(log(300_000))
