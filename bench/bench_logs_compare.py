@@ -8,10 +8,11 @@ each round runs, in a rotating order, on the same warm file:
   count(*), sum(duration_ms) FROM read_json(...) GROUP BY event``), in this process,
   after one warm-up query: the bar;
 * ``ballast_summarize``: ``summarize_file(path)`` in this process (the whole summary:
-  every table, percentile and time series), with the default engine (``auto``: DuckDB
-  when installed, as here);
-* ``ballast_duckdb``: the same, asking for ``engine="duckdb"`` (it fails the run if the
-  engine declined the file, so its figure is the DuckDB engine's own);
+  every table, percentile and time series), with the default engine (``auto``: the
+  native scanner when it was built, as here);
+* ``ballast_native``: ``native.summarize_native(path)`` (it fails the run if the engine
+  declined the file, so its figure is the native engine's own);
+* ``ballast_duckdb``: the same for ``duck.summarize_duckdb(path)``;
 * ``ballast_stream``: the streaming engine (``engine="stream"``; default workers, the
   usable cores);
 * ``ballast_one_pass``: the streaming engine with ``workers=1``;
@@ -62,14 +63,14 @@ def timed(run: Callable[[], object]) -> float:
 
 def must(report: object) -> object:
     if report is None:
-        raise RuntimeError("the DuckDB engine declined the benchmark log")
+        raise RuntimeError("the engine declined the benchmark log")
     return report
 
 
 def tools(path: str) -> dict[str, Callable[[], object]]:
     import duckdb
 
-    from ballast.logs import duck, summarize_file
+    from ballast.logs import duck, native, summarize_file
 
     con = duckdb.connect()
     source = f"read_json('{path}', format='newline_delimited', ignore_errors=true, " \
@@ -84,6 +85,7 @@ def tools(path: str) -> dict[str, Callable[[], object]]:
     found: dict[str, Callable[[], object]] = {
         "duckdb_groupby": lambda: con.execute(sql).fetchall(),
         "ballast_summarize": lambda: summarize_file(path),
+        "ballast_native": lambda: must(native.summarize_native(path)),
         "ballast_duckdb": lambda: must(duck.summarize_duckdb(path)),
         "ballast_stream": lambda: summarize_file(path, engine="stream"),
         "ballast_one_pass": lambda: summarize_file(path, workers=1, engine="stream"),

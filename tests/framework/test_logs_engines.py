@@ -12,6 +12,7 @@ scalars, mistyped fields, escapes, whitespace of every kind.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import PEAK_RSS_KIB, run_logs_cli
 
 import ballast.logs.parallel as parallel
@@ -388,3 +391,87 @@ def test_engine_peak_memory_is_bounded(tmp_path: Path, engine: str) -> None:
     small, big = peak_kb(log(30_000)), peak_kb(log(300_000))
     assert big < 400 * 1024, f"peak RSS {big} KiB"
     assert big - small < 160 * 1024, f"peak RSS grew from {small} KiB to {big} KiB"
+
+
+# --------------------------------------------------------------------------- generated lines
+
+
+_STAMPS = st.sampled_from([
+    stamp(1), stamp(3600.25), "2026-11-28T14:00:09Z", "2026-02-29T10:00:00Z", "2028-02-29T10:00:00.000001Z",
+    "2026-02-27T24:00:00Z", "2026-13-01T00:00:00Z", "2026-11-28T14:00:60Z", "0000-01-01T00:00:00Z",
+    "2026-11-28 14:00:00Z", "2026-11-28T14:00:00+00:00", "2026-11-28T14:00:00.5Z", "2026-11-28",
+    "2100-02-29T10:00:00Z", "2000-02-29T10:00:00.000000Z", "2026-04-31T10:00:00Z",
+])
+_SCALARS = (
+    st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+    | st.sampled_from(["http.request", "upstream.retry", "finalize.stage", "session.mutation_failed",
+                       "load.shed", "info", "error", "GET", "/a", "503", "a\"b", "tab\there", "é", "\u2028"])
+)
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+_KEYS = st.sampled_from([*duck.FIELDS, "request_id", "path", "x", "Event", "évent"])
+
+
+@st.composite
+def _line(draw: st.DrawFn) -> bytes:
+    record: dict[str, Any] = {}
+    if draw(st.booleans()):
+        record["timestamp"] = draw(_STAMPS)
+    if draw(st.integers(0, 9)):
+        record["event"] = draw(st.sampled_from(["http.request", *duck.RARE, "server.started", 5, None]))
+    record.update(draw(st.dictionaries(_KEYS, _VALUES, max_size=8)))
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    how = draw(st.integers(0, 11))
+    if how == 0:  # a repeated key, the first of them counts
+        text = text[:-1] + b',"event":"other","status":1}' if len(text) > 2 else text
+    elif how == 1:  # whitespace where JSON allows it
+        text = text.replace(b'":', b'" :', 1).replace(b",", b", ", 1)
+    elif how == 2:
+        text = text[: draw(st.integers(0, len(text)))]  # cut short
+    elif how == 3:
+        text = b" " + text + b"\r"
+    return text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_line(), min_size=1, max_size=40))
+def test_native_agrees_with_the_streaming_engine_on_generated_lines(
+    tmp_path: Path, lines: list[bytes],
+) -> None:
+    log = write(tmp_path / "gen.log", lines)
+    expected = orjson.dumps(summarize_file(str(log), workers=1, engine="stream"))
+    for threads in (1, 2):
+        scanned = native.summarize_native(str(log), threads=threads)
+        assert scanned is not None and orjson.dumps(scanned) == expected  # no cap is near: never declined
+    window = {"since": T0, "until": T0 + timedelta(hours=1)}
+    expected = orjson.dumps(summarize_file(str(log), workers=1, engine="stream", **window))
+    scanned = native.summarize_native(str(log), **window)
+    assert scanned is not None and orjson.dumps(scanned) == expected
+
+
+def test_native_reads_each_duration_as_python_does(tmp_path: Path) -> None:
+    """Every duration's double is exactly ``float(text)`` (the scanner's own decimal reader
+    takes the short forms; strtod the rest): seen in each group's largest duration."""
+    from ballast.logs import _scan
+    from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS
+
+    rnd = random.Random(3)
+    texts = ["0", "-0", "0.0", "1", "1.5", "0.1", "0.3", "2.675", "999999999999999", "123456789012345.6",
+             "0.000123456789012345", "9007199254740993", "0.1000000000000000055511151231257827"]
+    texts += [f"{rnd.randrange(10 ** rnd.randrange(1, 16))}.{rnd.randrange(10 ** 6):0{rnd.randrange(1, 7)}d}"
+              for _ in range(3000)]
+    texts += [repr(rnd.uniform(0, 1e6)) for _ in range(1000)]
+    texts = [t for t in texts if "e" not in t]
+    lines = [b'{"event":"http.request","route":"/r%d","duration_ms":%s}' % (i, t.encode())
+             for i, t in enumerate(texts)]
+    log = write(tmp_path / "durations.log", lines)
+    with open(log, "rb") as fh:
+        result = _scan.scan(fh.fileno(), [(0, log.stat().st_size)], 1 << 20, None, None, [], [],
+                            _MIN_MS, _INV_LOG_GAMMA, duck._ZERO)
+    assert result is not None
+    _, buckets, _, handed_back, simple = result
+    assert simple == len(lines) and handed_back == b""
+    got = {orjson.loads(rj): dmax for ej, rj, sj, b, win, n, dmax in buckets}
+    assert got == {f"/r{i}": float(t) for i, t in enumerate(texts) if 0 <= float(t) < 1e15}  # usable ones
+    assert len(got) > 4000
