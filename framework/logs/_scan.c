@@ -4,22 +4,23 @@
  * It reads byte ranges of a log file on several threads, without the GIL, and sorts
  * each line into one of two kinds:
  *
- *   - a *simple* line: one flat JSON object written without whitespace, whose keys and
- *     string values are printable ASCII without escapes, whose values are strings,
- *     numbers without an exponent (at most 18 integer digits, at most 48 characters) or
+ *   - a *simple* line: one flat JSON object written without whitespace, in well-formed
+ *     UTF-8 with no control character or backslash anywhere, whose values are strings, numbers
+ *     without an exponent (at most 18 integer digits, at most 48 characters) or
  *     true/false/null, and whose "timestamp", when it is a string, has one of the two
- *     forms Ballast writes ("YYYY-MM-DDTHH:MM:SS.ffffffZ", "YYYY-MM-DDTHH:MM:SSZ") and a
- *     valid date and time. Every line Ballast writes without an escape is simple. Such
- *     a line means the same to every JSON reader, so it is read here and only counted:
- *     grouped into the same three sets of groups, with the same columns and the same
- *     aggregates, as the DuckDB engine's query (ballast/logs/duck.py);
- *   - any other line (blank, not JSON, nested, escaped, non-ASCII, odd timestamp, ...)
+ *     forms Ballast writes ("YYYY-MM-DDTHH:MM:SS.ffffffZ", "YYYY-MM-DDTHH:MM:SSZ") with a
+ *     date and time Python accepts. Every line Ballast writes without an escape is
+ *     simple. Such a line means the same to every JSON reader, so it is read here and
+ *     only counted: grouped into the three sets of groups of the DuckDB engine's query
+ *     (ballast/logs/duck.py), with the same columns and aggregates;
+ *   - any other line (blank, not JSON, nested, escaped, odd timestamp, ...)
  *     is handed back by its file offset and length, for the streaming engine's own
  *     reader to count.
  *
- * Memory is bounded: one read buffer per thread (max_line + 4 MiB), the group tables
- * (at most MAX_GROUPS keys each) and the offsets of the handed-back lines (at most
- * MAX_OTHER); past either limit, or on a line longer than max_line, scan() returns None
+ * Memory is bounded, per thread: one read buffer (max_line + 4 MiB); at most MAX_GROUPS
+ * groups over its three tables (32-byte slots, at most twice as many as groups), their
+ * keys in at most MAX_ARENA bytes; the offsets of at most MAX_OTHER handed-back lines
+ * (16 bytes each). Past a limit, or on a line longer than max_line, scan() returns None
  * and the caller uses another engine.
  */
 #define PY_SSIZE_T_CLEAN
@@ -328,24 +329,56 @@ static int field_index(const char *p, size_t n) {
     }
 }
 
-/* Whether [p, end) holds no control character, no backslash and no byte over 0x7f:
- * then every '"' in it delimits a string and every string is its own text. */
+/* Whether [s, e) is well-formed UTF-8 (RFC 3629: no overlong form, no surrogate, nothing
+ * over U+10FFFF), as the JSON readers require. */
+static int valid_utf8(const unsigned char *s, const unsigned char *e) {
+    while (s < e) {
+        unsigned c = *s;
+        if (c < 0x80) {
+            s++;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            if (e - s < 2 || (s[1] & 0xC0) != 0x80) return 0;
+            s += 2;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            if (e - s < 3 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
+            if ((c == 0xE0 && s[1] < 0xA0) || (c == 0xED && s[1] > 0x9F)) return 0;
+            s += 3;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            if (e - s < 4 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80)
+                return 0;
+            if ((c == 0xF0 && s[1] < 0x90) || (c == 0xF4 && s[1] > 0x8F)) return 0;
+            s += 4;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Whether [p, end) holds no control character and no backslash, and is UTF-8: then every
+ * '"' in it delimits a string and every string is its own text. */
 static inline int plain_bytes(const char *p, const char *end) {
+    const char *start = p;
+    int high = 0;
 #ifdef __SSE2__
-    const __m128i backslash = _mm_set1_epi8('\\'), space = _mm_set1_epi8(0x20);
-    __m128i bad = _mm_setzero_si128();
+    const __m128i backslash = _mm_set1_epi8('\\'), last_control = _mm_set1_epi8(0x1F);
+    __m128i bad = _mm_setzero_si128(), any = _mm_setzero_si128();
     for (; end - p >= 16; p += 16) {
         __m128i x = _mm_loadu_si128((const __m128i *)p);
-        /* signed: bytes over 0x7f are negative, so below 0x20 too */
-        bad = _mm_or_si128(bad, _mm_or_si128(_mm_cmpeq_epi8(x, backslash), _mm_cmplt_epi8(x, space)));
+        /* x <= 0x1F unsigned: max(x, 0x1F) == 0x1F */
+        __m128i control = _mm_cmpeq_epi8(_mm_max_epu8(x, last_control), last_control);
+        bad = _mm_or_si128(bad, _mm_or_si128(_mm_cmpeq_epi8(x, backslash), control));
+        any = _mm_or_si128(any, x);
     }
     if (_mm_movemask_epi8(bad)) return 0;
+    high = _mm_movemask_epi8(any);
 #endif
     for (; p < end; p++) {
         unsigned char c = (unsigned char)*p;
-        if (c < 0x20 || c > 0x7f || c == '\\') return 0;
+        if (c < 0x20 || c == '\\') return 0;
+        high |= c & 0x80;
     }
-    return 1;
+    return !high || valid_utf8((const unsigned char *)start, (const unsigned char *)end);
 }
 
 /* A string's end, just past its closing quote (the line's bytes are plain_bytes), or
@@ -675,7 +708,7 @@ static PyObject *key_tuple(const char *p, size_t len) {
         } else if (tag == K_TEXT) {
             uint32_t n;
             memcpy(&n, p, 4);
-            item = PyUnicode_DecodeASCII(p + 4, n, NULL);
+            item = PyUnicode_DecodeUTF8(p + 4, n, "strict");
             p += 4 + n;
         } else if (tag == K_INT) {
             int64_t x;

@@ -11,9 +11,10 @@ by its offset and read here by the streaming engine's own reader
 (:meth:`LogSummary.feed`), so what such a line means is decided by one piece of code.
 
 It declines (``None``; the caller then tries the next engine) on a line longer than
-``MAX_LINE_BYTES``, more groups or handed-back lines than the scanner keeps (see the
-limits in ``_scan.c``: at most about 100 MB per core whatever the log), or a capped
-table reaching its cap.
+``MAX_LINE_BYTES``, more groups or handed-back lines than the scanner keeps (the limits
+in ``_scan.c``: at most 2^19 groups and 2^20 handed-back lines per thread, about 110 MB
+per thread at the very worst), a capped table reaching its cap, or a read error (which
+the streaming engine then reports in its own words).
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ def summarize_native(
     """
     if _scan is None:
         return None
+    try:
+        return _summarize(path, since, until, interval_s, threads)
+    except OSError:
+        return None
+
+
+def _summarize(
+    path: str, since: datetime | None, until: datetime | None, interval_s: int | None, threads: int | None,
+) -> SummaryReport | None:
+    assert _scan is not None
     summary = LogSummary(since=since, until=until, interval_s=interval_s)
     summary.source = path
     with open(path, "rb") as fh:

@@ -475,3 +475,26 @@ def test_native_reads_each_duration_as_python_does(tmp_path: Path) -> None:
     got = {orjson.loads(rj): dmax for ej, rj, sj, b, win, n, dmax in buckets}
     assert got == {f"/r{i}": float(t) for i, t in enumerate(texts) if 0 <= float(t) < 1e15}  # usable ones
     assert len(got) > 4000
+
+
+def test_native_reads_utf8_as_the_json_readers_do(tmp_path: Path) -> None:
+    """Well-formed UTF-8 in a simple line is read natively; any malformed sequence makes the
+    line the streaming engine's (which counts it as not JSON)."""
+    good = ["é", "€", "𝄞", "\u2028", "\uffff", "\U0010ffff", "\x7f", "mixed é€𝄞 text"]
+    bad = [b"\xc0\xaf", b"\xc1\xbf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf0\x8f\xbf\xbf",
+           b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\x80", b"\xc3", b"\xe2\x82", b"\xf0\x9d\x84",
+           b"\xc3\x28", b"\xe2\x28\xa1"]
+    lines = []
+    for i, text in enumerate(good):
+        lines.append(rec("http.request", i, route=f"/{text}", status=200, duration_ms=1.0, user=text))
+    for i, raw in enumerate(bad):
+        lines.append(b'{"event":"http.request","timestamp":"' + stamp(i).encode()
+                     + b'","route":"/bad' + raw + b'","status":500}')
+        lines.append(b'{"event":"auth.denied","reason":"r' + raw + b'","timestamp":"' + stamp(i).encode()
+                     + b'"}')
+    log = write(tmp_path / "utf8.log", lines)
+    expected = summarize_file(str(log), workers=1, engine="stream")
+    assert expected["lines"]["skipped"]["not_json"] == 2 * len(bad)
+    assert set(expected["requests"]["by_route"]) == {f"/{text}" for text in good}
+    for threads in (1, 2):
+        assert orjson.dumps(native.summarize_native(str(log), threads=threads)) == orjson.dumps(expected)
