@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="summaries of the same file (default 3)")
     parser.add_argument("--gzip", action="store_true", help="write the log gzip-compressed")
     parser.add_argument("--keep", metavar="PATH", help="write the log here and keep it")
-    parser.add_argument("--engine", choices=("auto", "duckdb", "stream"), default="stream",
+    parser.add_argument("--engine", choices=("auto", "native", "duckdb", "stream"), default="stream",
                         help="summary engine (default stream: the one-pass figures below are its own; "
                              "bench_logs_compare.py times the engines side by side)")
     parser.add_argument("--workers", type=int, default=1,

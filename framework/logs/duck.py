@@ -277,6 +277,7 @@ def fill(
             return value
 
     rare_at = {name: _LINES_KEY.index(column) for name, column in _RARE_COLUMNS.items()}
+    extremes: dict[int, list[str]] = {}  # timestamp form -> [first, last] text
     for row in lines:
         bad, ej, lj, tshape, rj, mj, stj = row[:7]
         n, lo, hi = row[-3:]
@@ -296,13 +297,15 @@ def fill(
             continue
         slot.count += n
         if tshape in (1, 2):
-            for text in (lo, hi):
-                try:
-                    when = datetime.fromisoformat(text[1:-1])
-                except ValueError:
-                    raise Declined from None
-                summary.first = min(summary.first, when)
-                summary.last = max(summary.last, when)
+            # Texts of one form order as their times do: keep the extremes, parse them once.
+            ends = extremes.get(tshape)
+            if ends is None:
+                extremes[tshape] = [lo, hi]
+            else:
+                if lo < ends[0]:
+                    ends[0] = lo
+                if hi > ends[1]:
+                    ends[1] = hi
         if event == "http.request":
             key = (read_field(rj), read_field(mj), read_field(stj))
             summary._request_slot_for(key).count += n
@@ -310,6 +313,13 @@ def fill(
             obj = {name: read_field(row[rare_at[name]]) for name in RARE[event]}
             tpr = row[_TPR]
             summary._handlers[event](obj, None if tpr is None else second_of(tpr), n)
+    for text in (text for ends in extremes.values() for text in ends):
+        try:
+            when = datetime.fromisoformat(text[1:-1])
+        except ValueError:
+            raise Declined from None
+        summary.first = min(summary.first, when)
+        summary.last = max(summary.last, when)
     for tp, isreq, stj, win, n in seconds:
         if tp is not None:
             second = second_of(tp)
