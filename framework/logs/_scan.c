@@ -785,12 +785,14 @@ static int table_merge(Table *into, const Table *from) {
     return 0;
 }
 
-static int copy_names(PyObject *seq, char **names, uint32_t *lens, int *count) {
+/* Point names/lens at the bytes of seq's items; *held keeps them alive (the caller
+ * releases it after the scan). */
+static int copy_names(PyObject *seq, char **names, uint32_t *lens, int *count, PyObject **held) {
     PyObject *fast = PySequence_Fast(seq, "event names: a sequence of bytes");
     if (!fast) return -1;
+    *held = fast;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     if (n > MAX_NAMES) {
-        Py_DECREF(fast);
         PyErr_SetString(PyExc_ValueError, "too many event names");
         return -1;
     }
@@ -798,14 +800,15 @@ static int copy_names(PyObject *seq, char **names, uint32_t *lens, int *count) {
         PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
         char *p;
         Py_ssize_t len;
-        if (PyBytes_AsStringAndSize(item, &p, &len) < 0) { Py_DECREF(fast); return -1; }
-        names[i] = p; /* the caller keeps the sequence alive */
+        if (PyBytes_AsStringAndSize(item, &p, &len) < 0) return -1;
+        names[i] = p;
         lens[i] = (uint32_t)len;
     }
     *count = (int)n;
-    Py_DECREF(fast);
     return 0;
 }
+
+static PyObject *scan_ranges(const Settings *sp, PyObject *ranges);
 
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
@@ -839,9 +842,20 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
         *has[i] = 1;
         s.filtering = 1;
     }
-    if (copy_names(rare, s.rare, s.rare_len, &s.n_rare) < 0) return NULL;
-    if (copy_names(timed, s.timed, s.timed_len, &s.n_timed) < 0) return NULL;
+    PyObject *held_rare = NULL, *held_timed = NULL;
+    if (copy_names(rare, s.rare, s.rare_len, &s.n_rare, &held_rare) < 0 ||
+        copy_names(timed, s.timed, s.timed_len, &s.n_timed, &held_timed) < 0) {
+        Py_XDECREF(held_rare);
+        Py_XDECREF(held_timed);
+        return NULL;
+    }
+    PyObject *result = scan_ranges(&s, ranges);
+    Py_DECREF(held_rare);
+    Py_DECREF(held_timed);
+    return result;
+}
 
+static PyObject *scan_ranges(const Settings *sp, PyObject *ranges) {
     PyObject *fast = PySequence_Fast(ranges, "ranges: a sequence of (start, end)");
     if (!fast) return NULL;
     Py_ssize_t n_work = PySequence_Fast_GET_SIZE(fast);
@@ -856,7 +870,7 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     for (Py_ssize_t i = 0; i < n_work; i++) {
         long long a, b;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "LL", &a, &b)) { ok = 0; break; }
-        work[i].s = &s;
+        work[i].s = sp;
         work[i].start = a;
         work[i].end = b;
         Limits *limits = &work[i].limits;
