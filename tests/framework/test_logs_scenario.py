@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import sqlite3
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -481,6 +483,40 @@ def test_the_duckdb_engine_agrees_on_the_scenario_log(scenario: Scenario, tmp_pa
         since = datetime.fromisoformat(orjson.loads(stream)["window"]["first"]) + timedelta(seconds=1)
         expected = orjson.dumps(summarize_file(str(path), engine="stream", since=since, interval_s=5))
         assert orjson.dumps(duck.summarize_duckdb(str(path), since=since, interval_s=5)) == expected
+
+
+def test_the_native_engine_agrees_on_the_scenario_log_and_reads_it_itself(scenario: Scenario) -> None:
+    import orjson
+
+    from ballast.logs import duck, native, summarize_file
+    from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS
+
+    if not native.available():
+        pytest.skip("the native scanner was not built (no C compiler at install)")
+    path = str(scenario.log_path)
+    stream = orjson.dumps(summarize_file(path, workers=1, engine="stream"))
+    for threads in (1, 2):
+        report = native.summarize_native(path, threads=threads)
+        assert report is not None, "the native engine declined Ballast's own log"
+        assert orjson.dumps(report) == stream
+    since = datetime.fromisoformat(orjson.loads(stream)["window"]["first"]) + timedelta(seconds=1)
+    expected = orjson.dumps(summarize_file(path, engine="stream", since=since, interval_s=5))
+    assert orjson.dumps(native.summarize_native(path, since=since, interval_s=5)) == expected
+    # A real server's lines are simple, read by the scanner itself, except the multi-line
+    # traceback of error.unhandled (escaped newlines), handed back to the streaming reader.
+    from ballast.logs import _scan
+
+    with open(path, "rb") as fh:
+        result = _scan.scan(fh.fileno(), [(0, os.fstat(fh.fileno()).st_size)], 1 << 20, None, None,
+                            [duck._json_text(e).encode() for e in duck.RARE],
+                            [duck._json_text(e).encode() for e in duck.TIMED],
+                            _MIN_MS, _INV_LOG_GAMMA, duck._ZERO)
+    assert result is not None
+    text = scenario.log_path.read_bytes()
+    handed_back = [orjson.loads(text[offset:offset + length])
+                   for offset, length in struct.iter_unpack("=qq", result[3])]
+    assert result[4] + len(handed_back) == text.count(b"\n") and result[4] > 100
+    assert {line["event"] for line in handed_back} <= {"error.unhandled"}
 
 
 def test_engines_agree_on_binary_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
