@@ -46,7 +46,7 @@ def test_wheel_holds_exactly_the_ballast_package(wheel: Path) -> None:
     assert {n.split("/")[0] for n in files} == {"ballast"}
     assert _source_modules() <= set(files), "a module of the tree is missing from the wheel"
     assert "ballast/py.typed" in files
-    assert "ballast = ballast.cli:main" in entry_points
+    assert "ballast = ballast.command:main" in entry_points
 
 
 def test_installed_wheel_serves_from_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,3 +63,24 @@ def test_request_in_flight_at_sigterm_completes(tmp_path: Path) -> None:
             import socket
 
             socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+def test_ballast_logs_starts_without_the_server(tmp_path: Path) -> None:
+    """``ballast logs`` goes straight to the log tools: the server's modules are not imported."""
+    log = tmp_path / "a.log"
+    log.write_bytes(b'{"event":"http.request","level":"info","status":200,"route":"/a"}\n')
+    script = (
+        "import sys\n"
+        "from ballast.command import main\n"
+        f"code = main(['logs', 'summarize', '--json', {str(log)!r}])\n"
+        "server = ('aiohttp', 'pydantic', 'ballast.config', 'ballast.cli')\n"
+        "heavy = sorted(m for m in server if m in sys.modules)\n"
+        "print(code, heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip().splitlines()[-1] == "0 []", proc.stderr
+    assert json.loads(proc.stdout)["requests"]["total"] == 1
+    # Every other command is the full CLI's.
+    full = "from ballast.command import main; main(['config', 'check'])"
+    proc = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: ballast config check" in proc.stderr
