@@ -3,7 +3,7 @@
 The outermost plugin middleware. Whatever goes wrong below it (a handler, another
 plugin's middleware) reaches the client as an ``application/problem+json`` body with a
 generic, stable title and detail for its status and the request id; the full error
-(type, message, traceback without local variables) goes to the server log as
+(type, message, traceback without local variables or file paths) goes to the server log as
 ``error.unhandled`` with the same request id. Typed errors keep their public text
 (which the raise site chose to be safe); a client's validation errors keep their
 field-level explanation, since that is the client's own input.
@@ -15,6 +15,8 @@ becomes aiohttp's plain-text 500 and is logged only by aiohttp's own logger.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import traceback
 
 from aiohttp import web
@@ -40,9 +42,45 @@ class Settings(PluginSection):
         30, ge=1, le=200, description="frames kept in the logged traceback (innermost last)")
 
 
+def _module_names() -> dict[str, str]:
+    names: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            names.setdefault(os.path.realpath(path), name)
+    return names
+
+
+_MODULES: dict[str, str] = {}
+
+
+def _module_of(filename: str) -> str:
+    """The module a frame's file is, by its import name: a traceback names no file path."""
+    if filename.startswith("<"):
+        return filename  # <string>, <frozen ...>: no path
+    path = os.path.realpath(filename)
+    name = _MODULES.get(path)
+    if name is None:  # a module imported since: look again, once per file
+        _MODULES.update(_module_names())
+        name = _MODULES.setdefault(path, os.path.splitext(os.path.basename(path))[0])
+    return name
+
+
 def _format_traceback(exc: BaseException, limit: int) -> str:
-    # traceback's formatting never includes local variables.
-    return "".join(traceback.format_exception(exc, limit=-limit))
+    """The traceback (chained causes included, innermost ``limit`` frames of each) with
+    every frame's file given as its module's import name; never local variables."""
+    formatted = traceback.TracebackException.from_exception(exc, limit=-limit)
+    pending: list[traceback.TracebackException] = [formatted]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for frame in current.stack:
+            frame.filename = _module_of(frame.filename)
+        pending.extend(t for t in (current.__cause__, current.__context__) if t is not None)
+    return "".join(formatted.format())
 
 
 def sanitizer(*, log_client_errors: bool = False, max_traceback_frames: int = 30) -> Middleware:
