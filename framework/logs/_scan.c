@@ -924,6 +924,7 @@ static PyObject *scan_ranges(const Settings *sp, PyObject *ranges) {
             if (other) {
                 char *out = PyBytes_AS_STRING(other);
                 for (Py_ssize_t i = 0; i < n_work; i++) {
+                    if (!work[i].n_other) continue; /* other is NULL then */
                     memcpy(out, work[i].other, work[i].n_other * 16);
                     out += work[i].n_other * 16;
                 }
