@@ -2,13 +2,14 @@
 
 ``ballast.logs._scan`` (built from ``_scan.c`` when the package is installed with a C
 compiler at hand; optional) reads the file in one range per usable core, without the
-GIL. Each *simple* line (a flat JSON object without whitespace, escapes or non-ASCII
-text, with a timestamp in one of the forms Ballast writes: every line Ballast writes
-without an escape) is counted into the three sets of groups the DuckDB engine's query
-returns (:mod:`ballast.logs.duck`), with the same columns, so :func:`duck.fill` feeds
-both engines' groups to the streaming engine's counters. Every other line is handed back
-by its offset and read here by the streaming engine's own reader
-(:meth:`LogSummary.feed`), so what such a line means is decided by one piece of code.
+GIL. Each *simple* line (a flat JSON object without whitespace, escapes or control
+characters, in well-formed UTF-8, with a timestamp in one of the forms Ballast writes:
+every line Ballast writes without an escape) is counted into the three sets of groups
+the DuckDB engine's query returns (:mod:`ballast.logs.duck`), with the same columns, so
+:class:`~ballast.logs.groups.Filler` feeds both engines' groups to the streaming engine's counters.
+Every other line is handed back by its offset and read here by the streaming engine's
+own reader (:meth:`LogSummary.feed`), so what such a line means is decided by one piece
+of code.
 
 It declines (``None``; the caller then tries the next engine) on a line longer than
 ``MAX_LINE_BYTES``, more groups or handed-back lines than the scanner keeps (the limits
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from ballast.logs import duck
+from ballast.logs import groups
 from ballast.logs.aggregate import LogSummary
 from ballast.logs.parallel import split_points, within_caps
 from ballast.logs.reading import MAX_LINE_BYTES
@@ -55,7 +56,7 @@ def _cores() -> int:
 
 
 def _bound(when: datetime | None) -> bytes | None:
-    return None if when is None else duck._stamp_key(when).encode()
+    return None if when is None else groups.stamp_key(when).encode()
 
 
 def _handed_back(fh: Any, offsets: bytes) -> Iterator[list[bytes]]:
@@ -105,9 +106,9 @@ def _summarize(
         ranges = list(itertools.pairwise(points)) or [(0, 0)]
         result = _scan.scan(
             fh.fileno(), ranges, MAX_LINE_BYTES, _bound(since), _bound(until),
-            [duck._json_text(e).encode() for e in duck.RARE],
-            [duck._json_text(e).encode() for e in duck.TIMED],
-            _MIN_MS, _INV_LOG_GAMMA, duck._ZERO,
+            [groups.json_text(e).encode() for e in groups.RARE],
+            [groups.json_text(e).encode() for e in groups.TIMED],
+            _MIN_MS, _INV_LOG_GAMMA, groups.ZERO_BUCKET,
         )
         if result is None:
             return None
@@ -115,8 +116,8 @@ def _summarize(
         for batch in _handed_back(fh, offsets):
             summary.feed(batch)
     try:
-        duck.fill(summary, lines, buckets, seconds)
-    except duck.Declined:
+        groups.fill(summary, lines, buckets, seconds)
+    except groups.Declined:
         return None
     if not within_caps(summary):
         return None

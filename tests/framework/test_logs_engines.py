@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from support import PEAK_RSS_KIB, run_logs_cli
 
 import ballast.logs.parallel as parallel
-from ballast.logs import format_summary_text, native, render_html, summarize_file
+from ballast.logs import format_summary_text, groups, native, render_html, summarize_file
 from ballast.logs.jsonline import INVALID, read_lenient
 from ballast.logs.summarize import EngineMissing, choose_engine
 
@@ -235,13 +235,13 @@ def test_engines_agree_on_binary_garbage(tmp_path: Path) -> None:
 
 
 def test_the_duckdb_engine_knows_every_handled_event() -> None:
-    """A handler added to the streaming engine must be added to ``duck.RARE`` too."""
+    """A handler added to the streaming engine must be added to ``groups.RARE`` too."""
     from ballast.logs import LogSummary
 
     handled = set(LogSummary()._handlers)
-    assert set(duck.RARE) == handled
-    assert handled >= duck.TIMED
-    assert {field for fields in duck.RARE.values() for field in fields} <= set(duck.FIELDS)
+    assert set(groups.RARE) == handled
+    assert handled >= groups.TIMED
+    assert {field for fields in groups.RARE.values() for field in fields} <= set(groups.FIELDS)
 
 
 def test_lenient_reading_rules() -> None:
@@ -410,7 +410,7 @@ _SCALARS = (
 )
 _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
                        | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
-_KEYS = st.sampled_from([*duck.FIELDS, "request_id", "path", "x", "Event", "évent"])
+_KEYS = st.sampled_from([*groups.FIELDS, "request_id", "path", "x", "Event", "évent"])
 
 
 @st.composite
@@ -419,7 +419,7 @@ def _line(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         record["timestamp"] = draw(_STAMPS)
     if draw(st.integers(0, 9)):
-        record["event"] = draw(st.sampled_from(["http.request", *duck.RARE, "server.started", 5, None]))
+        record["event"] = draw(st.sampled_from(["http.request", *groups.RARE, "server.started", 5, None]))
     record.update(draw(st.dictionaries(_KEYS, _VALUES, max_size=8)))
     text = json.dumps(record, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
     how = draw(st.integers(0, 11))
@@ -468,7 +468,7 @@ def test_native_reads_each_duration_as_python_does(tmp_path: Path) -> None:
     log = write(tmp_path / "durations.log", lines)
     with open(log, "rb") as fh:
         result = _scan.scan(fh.fileno(), [(0, log.stat().st_size)], 1 << 20, None, None, [], [],
-                            _MIN_MS, _INV_LOG_GAMMA, duck._ZERO)
+                            _MIN_MS, _INV_LOG_GAMMA, groups.ZERO_BUCKET)
     assert result is not None
     _, buckets, _, handed_back, simple = result
     assert simple == len(lines) and handed_back == b""

@@ -488,7 +488,7 @@ def test_the_duckdb_engine_agrees_on_the_scenario_log(scenario: Scenario, tmp_pa
 def test_the_native_engine_agrees_on_the_scenario_log_and_reads_it_itself(scenario: Scenario) -> None:
     import orjson
 
-    from ballast.logs import duck, native, summarize_file
+    from ballast.logs import groups, native, summarize_file
     from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS
 
     if not native.available():
@@ -509,9 +509,9 @@ def test_the_native_engine_agrees_on_the_scenario_log_and_reads_it_itself(scenar
 
     with open(path, "rb") as fh:
         result = _scan.scan(fh.fileno(), [(0, os.fstat(fh.fileno()).st_size)], 1 << 20, None, None,
-                            [duck._json_text(e).encode() for e in duck.RARE],
-                            [duck._json_text(e).encode() for e in duck.TIMED],
-                            _MIN_MS, _INV_LOG_GAMMA, duck._ZERO)
+                            [groups.json_text(e).encode() for e in groups.RARE],
+                            [groups.json_text(e).encode() for e in groups.TIMED],
+                            _MIN_MS, _INV_LOG_GAMMA, groups.ZERO_BUCKET)
     assert result is not None
     text = scenario.log_path.read_bytes()
     handed_back = [orjson.loads(text[offset:offset + length])
