@@ -44,7 +44,7 @@ from ballast.logs.groups import (
     json_text,
     stamp_key,
 )
-from ballast.logs.parallel import within_caps
+from ballast.logs.parallel import usable_cores, within_caps
 from ballast.logs.reading import MAX_LINE_BYTES
 from ballast.logs.report import SummaryReport
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS
@@ -68,8 +68,7 @@ def available() -> bool:
 
 
 def _threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(THREADS, cores))
+    return max(1, min(THREADS, usable_cores()))
 
 
 def _lit(value: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ballast.logs import groups
 from ballast.logs.aggregate import LogSummary
-from ballast.logs.parallel import split_points, within_caps
+from ballast.logs.parallel import split_points, usable_cores, within_caps
 from ballast.logs.reading import MAX_LINE_BYTES
 from ballast.logs.report import SummaryReport
 from ballast.logs.sketch import _INV_LOG_GAMMA, _MIN_MS
@@ -49,10 +49,6 @@ except ImportError:  # built without a C compiler: the other engines remain
 
 def available() -> bool:
     return _scan is not None
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _bound(when: datetime | None) -> bytes | None:
@@ -101,7 +97,7 @@ def _summarize(
     summary.source = path
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        parts = max(1, min(16, threads or min(_cores(), 1 + size // MIN_RANGE_BYTES)))
+        parts = max(1, min(16, threads or min(usable_cores(), 1 + size // MIN_RANGE_BYTES)))
         points = split_points(path, parts)
         ranges = list(itertools.pairwise(points)) or [(0, 0)]
         result = _scan.scan(

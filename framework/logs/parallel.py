@@ -165,9 +165,13 @@ def within_caps(summary: LogSummary) -> bool:
     return all(len(table) < cap for table, cap in capped)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _workers() -> int:
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1)))
+    return max(1, min(MAX_WORKERS, usable_cores()))
 
 
 def summarize_parallel(
